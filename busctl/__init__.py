@@ -1,0 +1,1 @@
+"""busctl: the command line and Python client for the busd daemon."""

@@ -1,0 +1,483 @@
+r"""The process bus: a thread-safe drop-in for CherryPy's ``wspbus.Bus``.
+
+A bus is a small publish/subscribe hub plus a state machine for one
+process. Code subscribes callables to channels; the bus publishes on
+``start``, ``stop``, ``graceful``, ``exit``, ``log`` and ``main`` as the
+process moves through its life::
+
+                       O
+                       |
+                       V
+      STOPPING --> STOPPED --> EXITING --> X
+         ^  ^         |
+         |   \        |
+         |    \       V
+       STARTED <-- STARTING
+
+Listeners run in priority order (lower first, default 50; subscription
+order breaks ties). Every listener of a channel runs even when an earlier
+one fails; the failures are raised together afterwards as
+:class:`ChannelFailures`. ``KeyboardInterrupt`` and ``SystemExit`` pass
+straight through, because they mean "stop the process", not "this listener
+failed".
+
+Where this differs from CherryPy on purpose (see docs/bus.md):
+
+- subscribe/unsubscribe from any thread while another publishes is safe:
+  each channel keeps an immutable, already-sorted tuple of listeners that
+  is swapped whole under a lock, so ``publish`` neither locks nor sorts;
+- ``subscribe`` returns the callback, so it works as a plain decorator;
+- a failing ``stop`` listener no longer skips the ``exit`` listeners (the
+  PID file is still removed) before the process ends with code 70;
+- ``block()`` names each non-daemon thread it waits for, repeats the name
+  while it waits, and gives up after ``thread_timeout`` seconds if asked;
+- ``wait()`` wakes as soon as the state changes instead of polling.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import enum
+import logging
+import os
+import sys
+import threading
+import time
+import traceback as _traceback
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["EX_SOFTWARE", "Bus", "ChannelFailures", "states"]
+
+#: Exit status (sysexits.h) for "the bus could not shut down cleanly".
+EX_SOFTWARE = 70
+
+DEFAULT_PRIORITY = 50
+DEFAULT_CHANNELS = ("start", "stop", "exit", "graceful", "log", "main")
+
+# How often block() repeats the name of a thread it is still waiting for.
+THREAD_WAIT_REMINDER_SECONDS = 10.0
+
+# The directory the process started in: restart() returns there before
+# execv so that a relative script path or ``-m`` still resolves.
+_startup_cwd = os.getcwd()
+
+
+class states(enum.Enum):  # lower case: the name code written for CherryPy uses
+    """The states of a bus; ``repr`` reads ``states.STARTED`` as in CherryPy."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    STARTED = "STARTED"
+    STOPPING = "STOPPING"
+    EXITING = "EXITING"
+
+    def __repr__(self) -> str:
+        return f"states.{self.name}"
+
+    __str__ = __repr__
+
+
+class ChannelFailures(Exception):
+    """The exceptions raised by listeners during one ``Bus.publish``.
+
+    It is truthy when it holds at least one exception; ``str()`` is the
+    ``repr`` of each, one per line.
+    """
+
+    delimiter = "\n"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._exceptions: list[BaseException] = []
+
+    def handle_exception(self) -> None:
+        """Record the exception being handled right now."""
+        self._exceptions.append(sys.exc_info()[1])
+
+    def get_instances(self) -> list[BaseException]:
+        """Return a copy of the recorded exceptions, in listener order."""
+        return list(self._exceptions)
+
+    def __str__(self) -> str:
+        return self.delimiter.join(repr(e) for e in self._exceptions)
+
+    __repr__ = __str__
+
+    def __bool__(self) -> bool:
+        return bool(self._exceptions)
+
+
+def _flush_logs_and_stdio() -> None:
+    """Flush what we can before ``os._exit`` throws buffers away."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
+
+
+class Bus:
+    """A process's state machine and message hub.
+
+    All listeners of a channel are called even if some fail; each failure
+    is logged on the ``log`` channel and they are raised together as
+    :class:`ChannelFailures`. The only way for a listener to stop the
+    processing is to raise ``SystemExit`` (or ``KeyboardInterrupt``).
+    """
+
+    states = states
+    state = states.STOPPED
+    execv = False
+    #: Seconds ``block()`` waits for lingering non-daemon threads; None waits
+    #: as long as they take (CherryPy's behaviour).
+    thread_timeout: float | None = None
+
+    def __init__(self) -> None:
+        self.execv = False
+        self.state = states.STOPPED
+        # ``listeners`` mirrors CherryPy's public dict of sets: plugins look
+        # up channel names in it. Dispatch uses ``_ordered`` instead: one
+        # immutable tuple per channel, sorted once, swapped whole under
+        # ``_lock`` so that publish never sees a half-made list.
+        self.listeners: dict[str, set[Callable[..., Any]]] = {
+            channel: set() for channel in DEFAULT_CHANNELS
+        }
+        self._priorities: dict[tuple[str, Callable[..., Any]], int] = {}
+        self._ordered: dict[str, tuple[Callable[..., Any], ...]] = {}
+        self._entries: dict[str, tuple[tuple[int, int, Callable[..., Any]], ...]] = {}
+        self._sequence = 0
+        self._lock = threading.RLock()
+        self._state_changed = threading.Condition(threading.Lock())
+        self._atexit_registered = False
+
+    # -- subscriptions -----------------------------------------------------
+
+    def subscribe(
+        self,
+        channel: str,
+        callback: Callable[..., Any] | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Call ``callback`` on every publish to ``channel``; return it.
+
+        Without a callback, return a decorator that subscribes the function
+        it decorates. The priority comes from the argument, else from the
+        callback's ``priority`` attribute, else 50; lower runs first.
+        Subscribing a callback again only changes its priority.
+        """
+        if callback is None:
+
+            def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+                return self.subscribe(channel, func, priority)
+
+            return decorator
+
+        if priority is None:
+            priority = getattr(callback, "priority", DEFAULT_PRIORITY)
+        with self._lock:
+            entries = [e for e in self._entries.get(channel, ()) if e[2] != callback]
+            self._sequence += 1
+            entries.append((priority, self._sequence, callback))
+            entries.sort(key=lambda entry: entry[:2])
+            self._store(channel, entries)
+            self.listeners.setdefault(channel, set()).add(callback)
+            self._priorities[(channel, callback)] = priority
+        return callback
+
+    def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
+        """Stop calling ``callback`` on ``channel`` (no error if it was not)."""
+        with self._lock:
+            entries = self._entries.get(channel, ())
+            kept = [e for e in entries if e[2] != callback]
+            if len(kept) == len(entries):
+                return
+            self._store(channel, kept)
+            self.listeners.get(channel, set()).discard(callback)
+            self._priorities.pop((channel, callback), None)
+
+    def _store(self, channel: str, entries: list[tuple[int, int, Any]]) -> None:
+        self._entries[channel] = tuple(entries)
+        self._ordered[channel] = tuple(entry[2] for entry in entries)
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, channel: str | None, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call every listener of ``channel`` in order; return their results.
+
+        Listener exceptions are logged and raised together afterwards as
+        :class:`ChannelFailures`. A channel nobody subscribed to returns [].
+        """
+        callbacks = self._ordered.get(channel, ())
+        if not callbacks:
+            return []
+        output = []
+        failures: ChannelFailures | None = None
+        for callback in callbacks:
+            try:
+                output.append(callback(*args, **kwargs))
+            except KeyboardInterrupt:
+                raise
+            except SystemExit as exit_request:
+                # A clean exit requested after other listeners failed must
+                # not report success.
+                if failures and exit_request.code == 0:
+                    exit_request.code = 1
+                raise
+            except Exception:
+                if failures is None:
+                    failures = ChannelFailures()
+                failures.handle_exception()
+                # A failing log listener would make logging the failure fail
+                # again, and so on.
+                if channel != "log":
+                    self.log(
+                        f"Error in {channel!r} listener {callback!r}",
+                        level=logging.ERROR,
+                        traceback=True,
+                    )
+        if failures:
+            raise failures
+        return output
+
+    # -- state machine -----------------------------------------------------
+
+    def _change_state(self, state: states) -> None:
+        """Move to ``state`` and wake whoever waits in ``wait()``.
+
+        The only place that assigns ``self.state`` after construction.
+        """
+        with self._state_changed:
+            self.state = state
+            self._state_changed.notify_all()
+
+    def start(self) -> None:
+        """Start all services: publish ``start``, then be STARTED.
+
+        If a start listener fails, the error is logged, the bus exits (stop
+        and exit listeners run) and, as in CherryPy, the process ends with
+        status 70 because it never finished starting.
+        """
+        if not self._atexit_registered:
+            atexit.register(self._clean_exit)
+            self._atexit_registered = True
+        self._change_state(states.STARTING)
+        self.log("Bus STARTING")
+        try:
+            self.publish("start")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:
+            self.log(
+                "Shutting down due to error in start listener:",
+                level=logging.ERROR,
+                traceback=True,
+            )
+            with contextlib.suppress(Exception):  # already logged by publish()
+                self.exit()
+            raise error
+        self._change_state(states.STARTED)
+        self.log("Bus STARTED")
+
+    def stop(self) -> None:
+        """Stop all services: publish ``stop``, then be STOPPED."""
+        self._change_state(states.STOPPING)
+        self.log("Bus STOPPING")
+        self.publish("stop")
+        self._change_state(states.STOPPED)
+        self.log("Bus STOPPED")
+
+    def graceful(self) -> None:
+        """Ask all services to reload (publish ``graceful``)."""
+        self.log("Bus graceful")
+        self.publish("graceful")
+
+    def exit(self) -> None:
+        """Stop all services and prepare the process to end.
+
+        Exit listeners run even when a stop listener failed. If anything
+        failed, or if the bus was still STARTING, the process ends at once
+        with status 70 (EX_SOFTWARE), as in CherryPy.
+        """
+        exit_from = self.state
+        if exit_from is states.EXITING:
+            return  # a second signal while exiting: the first one is enough
+        failed = False
+        try:
+            self.stop()
+        except Exception:
+            failed = True  # logged by publish(); the exit listeners still run
+        try:
+            self._change_state(states.EXITING)
+            self.log("Bus EXITING")
+            self.publish("exit")
+        except Exception:
+            failed = True
+        if failed:
+            self.log(
+                f"Bus exit failed: ending the process with status {EX_SOFTWARE}",
+                level=logging.ERROR,
+            )
+            _flush_logs_and_stdio()
+            os._exit(EX_SOFTWARE)
+        self.log("Bus EXITED")
+        if exit_from is states.STARTING:
+            # exit() during start (a start listener failed or hung and the
+            # user pressed Ctrl-C): ending now avoids a Ctrl-C loop.
+            _flush_logs_and_stdio()
+            os._exit(EX_SOFTWARE)
+
+    def restart(self) -> None:
+        """Exit the bus and have the main thread re-execute the process.
+
+        The execv itself happens in ``block()`` on the main thread.
+        """
+        self.execv = True
+        self.exit()
+
+    def _clean_exit(self) -> None:
+        """At interpreter exit, shut down a bus that is still running."""
+        if self.state is not states.EXITING:
+            warnings.warn(
+                f"The main thread is exiting, but the Bus is in the {self.state!r} "
+                "state; shutting it down automatically now. Call bus.block() "
+                "after start(), or bus.exit() before the main thread exits.",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            self.exit()
+
+    # -- waiting -----------------------------------------------------------
+
+    def wait(
+        self,
+        state: states | Iterable[states],
+        interval: float = 0.1,
+        channel: str | None = None,
+    ) -> None:
+        """Block until the bus is in ``state`` (one state or several).
+
+        Every ``interval`` seconds spent waiting, publish on ``channel``
+        (``block()`` uses this to tick ``main``). Returns as soon as the
+        state is reached rather than at the next tick.
+        """
+        wanted = {state} if isinstance(state, states) else set(state)
+        while True:
+            with self._state_changed:
+                if self._state_changed.wait_for(
+                    lambda: self.state in wanted, timeout=interval
+                ):
+                    return
+            self.publish(channel)
+
+    def block(self, interval: float = 0.1, thread_timeout: float | None = None) -> None:
+        """Tick ``main`` until EXITING, then wait for non-daemon threads.
+
+        Call it from the main thread after ``start()``. Ctrl-C
+        (KeyboardInterrupt) exits the bus. Each non-daemon thread still
+        alive is named in the log while we wait for it; with
+        ``thread_timeout`` (or the class attribute of that name) set, the
+        wait gives up after that many seconds, logs the threads left, and
+        ends the process with status 70 so that ``exit`` keeps its promise.
+        Finally, if ``restart()`` was called, re-execute the process.
+        """
+        try:
+            self.wait(states.EXITING, interval=interval, channel="main")
+        except (KeyboardInterrupt, OSError):
+            self.log("Keyboard Interrupt: shutting down bus")
+            self.exit()
+        except SystemExit:
+            self.log("SystemExit raised: shutting down bus")
+            self.exit()
+            raise
+
+        if thread_timeout is None:
+            thread_timeout = self.thread_timeout
+        self._join_threads(thread_timeout)
+        if self.execv:
+            self._do_execv()
+
+    def _join_threads(self, timeout: float | None) -> None:
+        self.log("Waiting for child threads to terminate...")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if thread is current or thread is threading.main_thread():
+                continue
+            if thread.daemon:
+                continue
+            self.log(f"Waiting for thread {thread.name}.")
+            waited = 0.0
+            while thread.is_alive():
+                step = THREAD_WAIT_REMINDER_SECONDS
+                if deadline is not None:
+                    step = min(step, max(0.0, deadline - time.monotonic()))
+                thread.join(step)
+                waited += step
+                if not thread.is_alive():
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._abandon_threads(timeout)
+                    return
+                self.log(
+                    f"Still waiting for thread {thread.name} after {waited:.0f} s.",
+                    level=logging.WARNING,
+                )
+
+    def _abandon_threads(self, timeout: float) -> None:
+        left = [
+            t.name
+            for t in threading.enumerate()
+            if t.is_alive() and not t.daemon and t is not threading.current_thread()
+        ]
+        self.log(
+            f"Threads still running after {timeout} s: {', '.join(left)}; "
+            f"ending the process with status {EX_SOFTWARE}",
+            level=logging.ERROR,
+        )
+        _flush_logs_and_stdio()
+        os._exit(EX_SOFTWARE)
+
+    def _do_execv(self) -> None:
+        """Replace this process with a fresh run of the same command line."""
+        args = list(sys.orig_argv)
+        self.log(f"Re-spawning {' '.join(args)}")
+        os.chdir(_startup_cwd)
+        # Descriptors opened by Python are non-inheritable already (PEP 446),
+        # so nothing leaks into the new image.
+        os.execv(sys.executable, args)
+
+    def start_with_callback(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> threading.Thread:
+        """Start ``func`` in a new thread once the bus is STARTED; start the bus.
+
+        Return the thread.
+        """
+        args = args or ()
+        kwargs = kwargs or {}
+
+        def run_when_started() -> None:
+            self.wait(states.STARTED)
+            func(*args, **kwargs)
+
+        thread = threading.Thread(target=run_when_started)
+        thread.name = "Bus Callback " + thread.name
+        thread.start()
+        self.start()
+        return thread
+
+    # -- logging -----------------------------------------------------------
+
+    def log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False):
+        """Publish ``msg`` on the ``log`` channel at ``level``.
+
+        With ``traceback=True`` the exception being handled is appended.
+        """
+        if traceback:
+            msg += "\n" + "".join(_traceback.format_exception(*sys.exc_info()))
+        self.publish("log", msg, level)
