@@ -1,0 +1,239 @@
+"""The busd wire format, shared by the daemon, ``busctl`` and broker pipes.
+
+A frame is a 4-byte big-endian length followed by that many bytes holding
+one msgpack map. A frame longer than the receiver's maximum is refused as
+soon as its header is read, before any of its body is buffered.
+
+Control messages (documented in docs/protocol.md)::
+
+    request   {"id": 7, "op": "publish", "channel": "main", "message": ...}
+    success   {"id": 7, "ok": True, "result": ...}
+    failure   {"id": 7, "ok": False, "error": {"code": "busy", "message": ...}}
+    stream    {"id": 7, "event": ...}        (subscribe, events, logs -f)
+
+This module does no I/O: :class:`FrameDecoder` is fed bytes by whoever owns
+the socket (an asyncio protocol in the daemon, a blocking socket in the
+client), so both sides share one parser. It imports only the standard
+library and msgpack, which keeps ``busctl`` quick to start.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgpack
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "ErrorCode",
+    "FrameDecoder",
+    "ProtocolError",
+    "encode_frame",
+    "error_reply",
+    "ok_reply",
+    "parse_request",
+]
+
+#: Bumped when a change would break an existing client (see docs/protocol.md).
+PROTOCOL_VERSION = 1
+
+#: The largest frame accepted unless configured otherwise (1 MiB).
+DEFAULT_MAX_FRAME = 1 << 20
+
+HEADER = struct.Struct(">I")
+
+# Request ids are plain integers or short strings chosen by the client.
+MAX_ID_LENGTH = 64
+MAX_OP_LENGTH = 64
+
+
+class ErrorCode(enum.StrEnum):
+    """The fixed vocabulary of error codes a client can branch on."""
+
+    BAD_REQUEST = "bad_request"  # not a frame, not a map, wrong field types
+    UNKNOWN_OP = "unknown_op"
+    TOO_LARGE = "too_large"  # frame over the maximum; the connection closes
+    PERMISSION_DENIED = "permission_denied"
+    UNKNOWN_CHANNEL = "unknown_channel"
+    BUSY = "busy"  # a queue is full: try again later
+    NOT_FOUND = "not_found"  # no such broker or instance
+    INTERNAL = "internal"  # a bug in busd: the log has the details
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol, with the code to answer it with.
+
+    ``fatal`` means the byte stream can no longer be trusted (bad header,
+    undecodable body) and the connection must be closed after replying.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+def encode_frame(message: Any, max_frame: int | None = None) -> bytes:
+    """Return ``message`` packed with msgpack behind its length header.
+
+    Raises :class:`ProtocolError`: ``too_large`` when the packed body is
+    over ``max_frame`` (the sender learns it before the receiver refuses),
+    ``bad_request`` when a value has no msgpack form (an int over 64 bits,
+    an arbitrary object).
+    """
+    try:
+        body = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"message cannot be encoded as msgpack ({error})"
+        ) from None
+    if max_frame is not None and len(body) > max_frame:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE,
+            f"frame of {len(body)} bytes is over the maximum of {max_frame} bytes",
+        )
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Unpack one frame body, which must be a msgpack map with string keys."""
+    try:
+        message = msgpack.unpackb(body, raw=False)
+    except UnicodeDecodeError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "frame holds a string that is not valid UTF-8"
+        ) from None
+    except msgpack.ExtraData:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "frame holds more than one msgpack value",
+        ) from None
+    except msgpack.StackError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "frame is nested too deeply"
+        ) from None
+    except (ValueError, msgpack.UnpackException) as error:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"frame is not valid msgpack ({error})"
+        ) from None
+    if not isinstance(message, dict):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"frame must hold a msgpack map, got {type(message).__name__}",
+        )
+    return message
+
+
+class FrameDecoder:
+    """Turn a byte stream into decoded frames, one ``feed()`` at a time.
+
+    ``feed(data)`` returns the messages completed by ``data``. A header
+    announcing more than ``max_frame`` bytes raises a fatal
+    :class:`ProtocolError` at once: the body is never buffered.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._body_length: int | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[dict[str, Any] | ProtocolError]:
+        """Add ``data``; return each completed message in order.
+
+        A frame whose body is not a valid map comes back as a (non-fatal)
+        :class:`ProtocolError` in the list, in its place, so that the
+        caller can answer it and go on with the next frame. Fatal errors
+        (oversized frame) are raised.
+        """
+        self._buffer += data
+        messages: list[dict[str, Any] | ProtocolError] = []
+        while True:
+            if self._body_length is None:
+                if len(self._buffer) < HEADER.size:
+                    return messages
+                (length,) = HEADER.unpack_from(self._buffer)
+                if length > self.max_frame:
+                    raise ProtocolError(
+                        ErrorCode.TOO_LARGE,
+                        f"frame of {length} bytes is over the maximum of "
+                        f"{self.max_frame} bytes",
+                        fatal=True,
+                    )
+                del self._buffer[: HEADER.size]
+                self._body_length = length
+            if len(self._buffer) < self._body_length:
+                return messages
+            body = bytes(self._buffer[: self._body_length])
+            del self._buffer[: self._body_length]
+            self._body_length = None
+            try:
+                messages.append(decode_body(body))
+            except ProtocolError as error:
+                if error.fatal:
+                    raise
+                messages.append(error)
+
+
+def parse_request(message: dict[str, Any]) -> tuple[int | str, str, dict[str, Any]]:
+    """Check the envelope of a request; return ``(id, op, arguments)``.
+
+    The arguments are the other keys of the map; each op checks its own.
+    Raises :class:`ProtocolError` (``bad_request``) naming the faulty field.
+    """
+    request_id = message.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"request 'id' must be an integer or a string, got {_type(request_id)}",
+        )
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_LENGTH:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"request 'id' is longer than {MAX_ID_LENGTH} characters",
+        )
+    op = message.get("op")
+    if not isinstance(op, str) or not op or len(op) > MAX_OP_LENGTH:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"request 'op' must be a non-empty string, got {_type(op)}",
+        )
+    arguments = {k: v for k, v in message.items() if k not in ("id", "op")}
+    return request_id, op, arguments
+
+
+def request_id_of(message: Any) -> int | str | None:
+    """Best-effort id of a (possibly malformed) request, for the error reply."""
+    if isinstance(message, dict):
+        request_id = message.get("id")
+        if isinstance(request_id, int | str) and not isinstance(request_id, bool):
+            return request_id
+    return None
+
+
+def ok_reply(request_id: int | str | None, result: Any = None) -> dict[str, Any]:
+    """The answer to a request that succeeded."""
+    return {"id": request_id, "ok": True, "result": result}
+
+
+def error_reply(
+    request_id: int | str | None, code: ErrorCode, message: str
+) -> dict[str, Any]:
+    """The answer to a request that failed."""
+    return {
+        "id": request_id,
+        "ok": False,
+        "error": {"code": str(code), "message": message},
+    }
+
+
+def _type(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
