@@ -31,7 +31,16 @@ Where this differs from CherryPy on purpose (see docs/bus.md):
   PID file is still removed) before the process ends with code 70;
 - ``block()`` names each non-daemon thread it waits for, repeats the name
   while it waits, and gives up after ``thread_timeout`` seconds if asked;
-- ``wait()`` wakes as soon as the state changes instead of polling.
+- ``wait()`` wakes as soon as the state changes instead of polling, so
+  ``block()`` then waits for the ``exit()`` in progress to finish: exit
+  listeners run to the end even when ``exit()`` was called from a daemon
+  thread (CherryPy's polling gives them about ``interval`` seconds);
+- every state change is published on a ``state`` channel, for observers;
+- a failing start listener ends the start: the start listeners after it
+  do not run (CherryPy runs them all, then exits);
+- ``exit()`` while already EXITING does nothing (a second SIGTERM during
+  a slow exit must not run the stop and exit listeners again), and a
+  failed exit logs why the process ends with status 70.
 """
 
 from __future__ import annotations
@@ -149,7 +158,12 @@ class Bus:
         self._entries: dict[str, tuple[tuple[int, int, Callable[..., Any]], ...]] = {}
         self._sequence = 0
         self._lock = threading.RLock()
-        self._state_changed = threading.Condition(threading.Lock())
+        # Re-entrant: a signal handler that changes state may interrupt the
+        # main thread while it holds this lock inside wait().
+        self._state_changed = threading.Condition(threading.RLock())
+        # Set while no exit() is running; block() waits on it.
+        self._exit_finished = threading.Event()
+        self._exit_finished.set()
         self._atexit_registered = False
 
     # -- subscriptions -----------------------------------------------------
@@ -246,16 +260,25 @@ class Bus:
     def _change_state(self, state: states) -> None:
         """Move to ``state`` and wake whoever waits in ``wait()``.
 
-        The only place that assigns ``self.state`` after construction.
+        The only place that assigns ``self.state`` after construction; it
+        publishes the new state on the ``state`` channel (a busd addition).
         """
         with self._state_changed:
             self.state = state
             self._state_changed.notify_all()
+        # Observers (busd's event stream) learn of every change. The channel
+        # exists only once someone subscribes, and its failures are logged
+        # by publish() but never stop a transition.
+        if "state" in self._ordered:
+            with contextlib.suppress(ChannelFailures):
+                self.publish("state", state)
 
     def start(self) -> None:
         """Start all services: publish ``start``, then be STARTED.
 
-        If a start listener fails, the error is logged, the bus exits (stop
+        If a start listener fails, the start listeners after it do not run
+        (a daemon must not bind its socket or tell systemd it is ready once
+        its PID file was refused); the error is logged, the bus exits (stop
         and exit listeners run) and, as in CherryPy, the process ends with
         status 70 because it never finished starting.
         """
@@ -265,7 +288,9 @@ class Bus:
         self._change_state(states.STARTING)
         self.log("Bus STARTING")
         try:
-            self.publish("start")
+            self._run_start_listeners()
+            self._change_state(states.STARTED)
+            self.log("Bus STARTED")
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as error:
@@ -274,11 +299,26 @@ class Bus:
                 level=logging.ERROR,
                 traceback=True,
             )
-            with contextlib.suppress(Exception):  # already logged by publish()
+            with contextlib.suppress(Exception):  # logged by the listeners' bus
                 self.exit()
             raise error
-        self._change_state(states.STARTED)
-        self.log("Bus STARTED")
+
+    def _run_start_listeners(self) -> None:
+        """Like ``publish("start")``, but the first failure ends the start."""
+        failures = ChannelFailures()
+        for callback in self._ordered.get("start", ()):
+            try:
+                callback()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                failures.handle_exception()
+                self.log(
+                    f"Error in 'start' listener {callback!r}",
+                    level=logging.ERROR,
+                    traceback=True,
+                )
+                raise failures from None
 
     def stop(self) -> None:
         """Stop all services: publish ``stop``, then be STOPPED."""
@@ -303,30 +343,34 @@ class Bus:
         exit_from = self.state
         if exit_from is states.EXITING:
             return  # a second signal while exiting: the first one is enough
-        failed = False
+        self._exit_finished.clear()
         try:
-            self.stop()
-        except Exception:
-            failed = True  # logged by publish(); the exit listeners still run
-        try:
-            self._change_state(states.EXITING)
-            self.log("Bus EXITING")
-            self.publish("exit")
-        except Exception:
-            failed = True
-        if failed:
-            self.log(
-                f"Bus exit failed: ending the process with status {EX_SOFTWARE}",
-                level=logging.ERROR,
-            )
-            _flush_logs_and_stdio()
-            os._exit(EX_SOFTWARE)
-        self.log("Bus EXITED")
-        if exit_from is states.STARTING:
-            # exit() during start (a start listener failed or hung and the
-            # user pressed Ctrl-C): ending now avoids a Ctrl-C loop.
-            _flush_logs_and_stdio()
-            os._exit(EX_SOFTWARE)
+            failed = False
+            try:
+                self.stop()
+            except Exception:
+                failed = True  # logged by publish(); the exit listeners still run
+            try:
+                self._change_state(states.EXITING)
+                self.log("Bus EXITING")
+                self.publish("exit")
+            except Exception:
+                failed = True
+            if failed:
+                self.log(
+                    f"Bus exit failed: ending the process with status {EX_SOFTWARE}",
+                    level=logging.ERROR,
+                )
+                _flush_logs_and_stdio()
+                os._exit(EX_SOFTWARE)
+            self.log("Bus EXITED")
+            if exit_from is states.STARTING:
+                # exit() during start (a start listener failed or hung and the
+                # user pressed Ctrl-C): ending now avoids a Ctrl-C loop.
+                _flush_logs_and_stdio()
+                os._exit(EX_SOFTWARE)
+        finally:
+            self._exit_finished.set()
 
     def restart(self) -> None:
         """Exit the bus and have the main thread re-execute the process.
@@ -392,8 +436,12 @@ class Bus:
             self.exit()
             raise
 
+        # wait() returns as soon as the state is EXITING, while the thread
+        # that called exit() may still be running the exit listeners.
         if thread_timeout is None:
             thread_timeout = self.thread_timeout
+        if not self._exit_finished.wait(thread_timeout):
+            self._abandon_threads(thread_timeout)
         self._join_threads(thread_timeout)
         if self.execv:
             self._do_execv()
@@ -461,11 +509,11 @@ class Bus:
         args = args or ()
         kwargs = kwargs or {}
 
-        def run_when_started() -> None:
+        def _callback() -> None:
             self.wait(states.STARTED)
             func(*args, **kwargs)
 
-        thread = threading.Thread(target=run_when_started)
+        thread = threading.Thread(target=_callback)
         thread.name = "Bus Callback " + thread.name
         thread.start()
         self.start()
