@@ -1,5 +1,31 @@
-"""Plugins for ``busd.Bus``: one file each, each a class with subscribe()."""
+"""Plugins for ``busd.Bus``: one file each, each a class with subscribe().
 
-from busd.plugins.base import SimplePlugin
+Importing this package loads nothing more than its names: each plugin's
+module is imported on first use, so a process that needs only
+``SimplePlugin`` does not pay for python-daemon or the others.
+"""
 
-__all__ = ["SimplePlugin"]
+from importlib import import_module
+from typing import Any
+
+_MODULES = {
+    "SimplePlugin": "base",
+    "Daemonizer": "daemonize",
+    "PIDFile": "pidfile",
+    "PIDFileError": "pidfile",
+    "DropPrivileges": "privileges",
+    "SdNotify": "sdnotify",
+    "SignalHandler": "signals",
+    "BackgroundTask": "tasks",
+    "Monitor": "tasks",
+    "ThreadManager": "threads",
+}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'busd.plugins' has no attribute {name!r}")
+    return getattr(import_module(f"busd.plugins.{module}"), name)

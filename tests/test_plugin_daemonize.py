@@ -1,0 +1,216 @@
+"""Daemonizer: a real double fork, found through its PID file, ended by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from busd.bus import Bus, states
+from busd.plugins.daemonize import START_PRIORITY, Daemonizer
+from busd.plugins.pidfile import PIDFile
+
+TIMEOUT = 15.0
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+# A bus that daemonizes, then takes its PID file and blocks until SIGTERM.
+# argv: stdout path (relative: resolved in the launcher's cwd), PID file,
+# a file to keep open across daemonizing.
+DAEMON = r"""
+import os, sys
+from busd.bus import Bus
+from busd.plugins.daemonize import Daemonizer
+from busd.plugins.pidfile import PIDFile
+from busd.plugins.signals import SignalHandler
+
+out, pidfile, kept_path = sys.argv[1:4]
+kept = open(kept_path, "w")
+bus = Bus()
+bus.subscribe("log", lambda msg, level: print(msg, flush=True))
+SignalHandler(bus).subscribe()
+Daemonizer(bus, stdout=out, stderr=out, umask=0o027, files_preserve=[kept]).subscribe()
+PIDFile(bus, pidfile).subscribe()
+
+def after_detaching():
+    kept.write(f"kept {os.getpid()}\n")
+    kept.flush()
+
+bus.subscribe("start", after_detaching, priority=80)
+bus.start()
+bus.block(interval=0.02)
+"""
+
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "INVOCATION_ID")
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+def reap(pid: int, timeout: float = TIMEOUT) -> int:
+    """Wait for our child ``pid`` to end, with a deadline; its exit code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PID {pid} did not end within {timeout} s")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Adopt orphaned descendants, so the test can reap the daemon itself.
+
+    Without it the daemon's parent would be PID 1 of the container, which
+    may never collect its exit status.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+
+
+def test_daemonizes_into_a_new_session(tmp_path: Path) -> None:
+    pidfile = tmp_path / "busd.pid"
+    out = tmp_path / "daemon.log"
+    kept = tmp_path / "kept.txt"
+    daemon_pid: int | None = None
+    with subreaper():
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", DAEMON, "daemon.log", str(pidfile), str(kept)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+            env=clean_environment(),
+        )
+        try:
+            # EOF once the daemon has pointed its stdout elsewhere.
+            launched, _ = launcher.communicate(timeout=TIMEOUT)
+            assert launcher.returncode == 0, launched
+            assert "Bus STARTING" in launched
+            assert "Bus STARTED" not in launched  # that happens in the daemon
+
+            daemon_pid = wait_until(lambda: PIDFile(Bus(), pidfile).holder())
+            assert daemon_pid != launcher.pid
+            session = os.getsid(daemon_pid)
+            # The first child called setsid() and left: it led the session.
+            assert session not in (os.getsid(0), daemon_pid)
+            assert reap(session) == 0
+            daemon = psutil.Process(daemon_pid)
+            assert daemon.ppid() == os.getpid()  # adopted: not the launcher's
+            assert os.getpgid(daemon_pid) == session
+            assert daemon.terminal() is None
+            assert daemon.cwd() == "/"
+            with open(f"/proc/{daemon_pid}/status") as status:
+                assert "Umask:\t0027\n" in status.read()
+            fds = {
+                int(fd): os.readlink(f"/proc/{daemon_pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{daemon_pid}/fd")
+            }
+            assert fds[0] == os.devnull
+            assert fds[1] == fds[2] == str(out)  # relative to the launcher's cwd
+            # Held through the temporary name it was created under (so /proc
+            # shows that name as deleted): compare inodes, not names.
+            held = {
+                (st.st_dev, st.st_ino)
+                for st in (os.stat(f"/proc/{daemon_pid}/fd/{fd}") for fd in fds)
+            }
+            assert (pidfile.stat().st_dev, pidfile.stat().st_ino) in held
+            assert str(kept) in fds.values()  # files_preserve
+            assert not any(target.startswith("pipe:") for target in fds.values())
+
+            wait_until(lambda: "Bus STARTED" in out.read_text())
+            log = out.read_text()
+            assert f"Daemonized: PID {daemon_pid}, session {session}." in log
+            assert kept.read_text() == f"kept {daemon_pid}\n"
+
+            os.kill(daemon_pid, signal.SIGTERM)
+            assert reap(daemon_pid) == 0
+            daemon_pid = None
+            assert "Bus EXITED" in out.read_text()
+            assert not pidfile.exists()
+        finally:
+            if launcher.poll() is None:
+                os.kill(launcher.pid, signal.SIGKILL)
+                launcher.wait(TIMEOUT)
+            if daemon_pid is not None and psutil.pid_exists(daemon_pid):
+                os.kill(daemon_pid, signal.SIGKILL)
+                reap(daemon_pid)
+
+
+@pytest.mark.parametrize("variable", SYSTEMD_VARIABLES)
+def test_refuses_under_systemd(monkeypatch, variable: str) -> None:
+    for name in SYSTEMD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "set-by-systemd")
+    plugin = Daemonizer(Bus())
+    with pytest.raises(RuntimeError) as caught:
+        plugin.start()  # refuses before any fork: this is still pytest
+    message = str(caught.value)
+    assert f"under systemd ({variable} set)" in message
+    assert "Type=notify" in message
+    assert "`busd run` in the foreground" in message
+    assert not plugin.daemonized
+
+
+def test_a_refusal_under_systemd_ends_the_start_with_status_70(tmp_path) -> None:
+    env = clean_environment()
+    env["INVOCATION_ID"] = "0123456789abcdef"
+    done = subprocess.run(
+        [sys.executable, "-c", DAEMON, "out.log", "busd.pid", "kept.txt"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 70, done.stdout + done.stderr
+    assert "refusing to daemonize under systemd (INVOCATION_ID set)" in done.stdout
+    assert not (tmp_path / "out.log").exists()  # never detached
+    assert not (tmp_path / "busd.pid").exists()  # later start steps never ran
+
+
+def test_refuses_once_the_bus_has_started(monkeypatch) -> None:
+    for name in SYSTEMD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    bus = Bus()
+    bus.start()
+    try:
+        assert bus.state is states.STARTED
+        with pytest.raises(RuntimeError, match=r"already STARTED\. fork"):
+            Daemonizer(bus).start()
+    finally:
+        bus.exit()
+
+
+def test_priority_sits_before_the_pid_file() -> None:
+    assert Daemonizer.start.priority == START_PRIORITY == 65
+    assert PIDFile.start.priority > START_PRIORITY

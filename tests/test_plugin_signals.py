@@ -1,0 +1,288 @@
+"""SignalHandler: real signals, recorded by the handler, acted on by ``main``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from busd.bus import Bus, states
+from busd.plugins.signals import SignalHandler
+
+# Generous: a deadline, not a sleep; a healthy run is far below it.
+TIMEOUT = 15.0
+
+# A bus with the SignalHandler, its log printed to stdout, blocking in main.
+CHILD = r"""
+import sys, threading, time
+from busd.bus import Bus
+from busd.plugins.signals import SignalHandler
+
+bus = Bus()
+bus.subscribe("log", lambda msg, level: print(msg, flush=True))
+handler = SignalHandler(bus)
+handler.subscribe()
+
+def on_graceful():
+    print(f"graceful ran on {threading.current_thread().name}", flush=True)
+
+bus.subscribe("graceful", on_graceful)
+
+if "--slow-stop" in sys.argv:
+    def slow_stop():
+        # Exit is under way: wait until the test's next signal is recorded.
+        print("stopping", flush=True)
+        deadline = time.monotonic() + 15
+        while handler.pending == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+    bus.subscribe("stop", slow_stop)
+
+bus.start()
+bus.block(interval=0.02)
+print("block returned", flush=True)
+"""
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+class Lines:
+    """A child's output lines, read by a thread and awaited with a deadline."""
+
+    def __init__(self, stream: Any) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def expect(self, text: str, timeout: float = TIMEOUT) -> str:
+        """Return the first unread line containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {text!r} within {timeout} s: {self.seen}"
+                ) from None
+            if line is None:
+                self._queue.put(None)
+                raise AssertionError(f"output ended before {text!r}: {self.seen}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def rest(self) -> list[str]:
+        """Every line up to the end of the output."""
+        while (line := self._queue.get(timeout=TIMEOUT)) is not None:
+            self.seen.append(line)
+        self._queue.put(None)
+        return self.seen
+
+
+@pytest.fixture
+def child() -> Iterator[Callable[..., tuple[subprocess.Popen[str], Lines]]]:
+    """Start CHILD; every process started is killed by PID at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def spawn(*args: str) -> tuple[subprocess.Popen[str], Lines]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(proc)
+        lines = Lines(proc.stdout)
+        lines.expect("Bus STARTED")
+        return proc, lines
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_exit_signals_end_the_bus_cleanly(child, signum: signal.Signals) -> None:
+    proc, lines = child()
+    os.kill(proc.pid, signum)
+    lines.expect(f"Caught signal {signum.name}.")
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+    assert "block returned" in lines.rest()
+
+
+def test_reload_signals_run_graceful_on_the_main_thread(child) -> None:
+    proc, lines = child()
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        os.kill(proc.pid, signum)
+        lines.expect(f"Caught signal {signum.name}.")
+        lines.expect("Bus graceful")
+        lines.expect("graceful ran on MainThread")
+    assert proc.poll() is None  # a reload does not end the process
+    os.kill(proc.pid, signal.SIGTERM)
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+
+
+def test_a_signal_during_exit_is_harmless(child) -> None:
+    proc, lines = child("--slow-stop")
+    os.kill(proc.pid, signal.SIGTERM)
+    lines.expect("stopping")
+    # Ctrl-C while the stop listeners run: recorded, not a KeyboardInterrupt.
+    os.kill(proc.pid, signal.SIGINT)
+    lines.expect("Ignoring SIGINT: the bus is already exiting.")
+    assert proc.wait(TIMEOUT) == 0
+    output = lines.rest()
+    assert "block returned" in output
+    assert not any("Traceback" in line for line in output), output
+
+
+@pytest.fixture
+def bus_log() -> Iterator[tuple[Bus, list[tuple[str, int]]]]:
+    bus = Bus()
+    log: list[tuple[str, int]] = []
+    bus.subscribe("log", lambda msg, level: log.append((msg, level)))
+    yield bus, log
+
+
+def test_the_handler_records_and_the_main_tick_acts(bus_log) -> None:
+    bus, log = bus_log
+    plugin = SignalHandler(bus)
+    calls: list[tuple[threading.Thread, bool]] = []
+    in_main_tick = [False]
+    bus.subscribe("main", lambda: in_main_tick.__setitem__(0, True), priority=0)
+    bus.subscribe("main", lambda: in_main_tick.__setitem__(0, False), priority=99)
+
+    def action() -> None:
+        calls.append((threading.current_thread(), in_main_tick[0]))
+
+    plugin.handlers["SIGUSR1"] = action
+    plugin.subscribe()
+    try:
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_until(lambda: plugin.pending == 1)
+        assert calls == []  # the OS handler only recorded the signal
+        bus.publish("main")
+        assert calls == [(threading.main_thread(), True)]
+        assert plugin.pending == 0
+        assert ("Caught signal SIGUSR1.", logging.INFO) in log
+    finally:
+        plugin.unsubscribe()
+
+
+def test_sigterm_exits_the_bus_from_the_main_tick_and_restores(bus_log) -> None:
+    bus, log = bus_log
+    previous = signal.getsignal(signal.SIGTERM)
+    plugin = SignalHandler(bus)
+    plugin.subscribe()
+    exited_on: list[threading.Thread] = []
+    bus.subscribe("exit", lambda: exited_on.append(threading.current_thread()))
+    try:
+        bus.start()
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, previous)
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_until(lambda: plugin.pending == 1)
+        assert bus.state is states.STARTED  # nothing happened in the handler
+        bus.publish("main")
+        assert bus.state is states.EXITING
+        assert exited_on == [threading.main_thread()]
+        assert ("Caught signal SIGTERM.", logging.INFO) in log
+        # The exit channel handed SIGTERM back to its previous handler.
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        plugin.unsubscribe()
+        if bus.state is not states.EXITING:
+            bus.exit()
+
+
+def test_unsubscribe_restores_the_previous_handlers(bus_log) -> None:
+    bus, _ = bus_log
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+    hits: list[int] = []
+
+    def previous_usr1(signum: int, frame: Any) -> None:
+        hits.append(signum)
+
+    original_usr1 = signal.signal(signal.SIGUSR1, previous_usr1)
+    try:
+        before = {name: signal.getsignal(getattr(signal, name)) for name in names}
+        plugin = SignalHandler(bus)
+        plugin.subscribe()
+        for name in names:
+            assert signal.getsignal(getattr(signal, name)) is not before[name]
+        plugin.unsubscribe()
+        after = {name: signal.getsignal(getattr(signal, name)) for name in names}
+        assert after == before
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_until(lambda: hits == [signal.SIGUSR1])
+        assert plugin.pending == 0
+    finally:
+        signal.signal(signal.SIGUSR1, original_usr1)
+
+
+def test_subscribe_off_the_main_thread_installs_nothing(bus_log) -> None:
+    bus, log = bus_log
+    before = signal.getsignal(signal.SIGTERM)
+    plugin = SignalHandler(bus)
+    thread = threading.Thread(target=plugin.subscribe, name="not-main")
+    thread.start()
+    thread.join(TIMEOUT)
+    try:
+        assert signal.getsignal(signal.SIGTERM) is before
+        warnings = [m for m, level in log if level == logging.WARNING]
+        assert any("not-main" in m and "main thread" in m for m in warnings), log
+        # handle() still works: the main tick drains it.
+        seen: list[str] = []
+        plugin.handlers["SIGHUP"] = lambda: seen.append("hup")
+        plugin.handle(signal.SIGHUP)
+        bus.publish("main")
+        assert seen == ["hup"]
+    finally:
+        plugin.unsubscribe()
+
+
+def test_one_action_per_signal_and_a_failing_action_is_logged(bus_log) -> None:
+    bus, log = bus_log
+    plugin = SignalHandler(bus)
+    seen: list[str] = []
+
+    def broken() -> None:
+        raise ValueError("reload failed")
+
+    plugin.handlers = {"SIGHUP": broken, "SIGUSR2": lambda: seen.append("usr2")}
+    plugin.bus.subscribe("main", plugin.main)  # handle() needs no OS handler
+    for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR2):
+        plugin.handle(signum)
+    bus.publish("main")  # the failure does not escape the main tick
+    assert seen == ["usr2", "usr2"]
+    errors = [m for m, level in log if level == logging.ERROR]
+    assert any("SIGHUP failed" in m and "reload failed" in m for m in errors), log
+    plugin.handle(signal.SIGWINCH)  # no action configured for it
+    bus.publish("main")
+    assert any("No action configured for SIGWINCH" in m for m, _ in log)
