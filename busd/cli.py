@@ -1,22 +1,145 @@
-"""The ``busd`` command (the daemon lands with issue 4)."""
+"""The ``busd`` command: run the daemon, start it detached, check a config.
+
+Exit statuses follow sysexits.h: 0 ok, 64 usage, 69 unavailable (busd
+started but never answered), 78 configuration error, 70 internal error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from busd._version import __version__
 
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CONFIG = 78
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line; the daemon itself is not implemented yet."""
+DESCRIPTION = """\
+busd runs a process bus as a daemon: it owns the PID file and the control
+socket, drops privileges, and supervises broker processes. Talk to it with
+busctl.
+"""
+
+EPILOG = """\
+examples:
+  busd run --config /etc/busd/busd.toml     foreground (systemd, containers)
+  busd start --socket /tmp/busd.sock --pidfile /tmp/busd.pid
+  busd check-config --config /etc/busd/busd.toml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, shared by ``main`` and the docs."""
     parser = argparse.ArgumentParser(
-        prog="busd", description="The busd process bus daemon."
+        prog="busd",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"busd {__version__}")
-    parser.parse_args(argv)
-    print("busd: the daemon is not implemented yet", file=sys.stderr)
-    return 1
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "--config",
+            metavar="PATH",
+            help="TOML config file (default: /etc/busd/busd.toml; all defaults "
+            "when that file does not exist)",
+        )
+        return sub
+
+    for name, help_text in (
+        ("run", "run the daemon in the foreground (what systemd uses)"),
+        ("start", "start the daemon in the background; return once it answers"),
+    ):
+        sub = add(name, help_text)
+        sub.add_argument("--socket", metavar="PATH", help="control socket path")
+        sub.add_argument("--pidfile", metavar="PATH", help="PID file path")
+        sub.add_argument(
+            "--log-level",
+            choices=("debug", "info", "warning", "error"),
+            help="log level (default: from the config, else info)",
+        )
+    start = commands.choices["start"]
+    start.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="where the detached daemon writes its log (default: busd.log "
+        "beside the PID file)",
+    )
+    start.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to answer (default: 10)",
+    )
+    run = commands.choices["run"]
+    run.add_argument("--daemonize", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--log-file", help=argparse.SUPPRESS)
+    add("check-config", "check a config file and exit (78 when it is broken)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``busd`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.config)
+    if args.command == "start":
+        from busd.launcher import start_detached
+
+        return start_detached(args)
+    return run(args)
+
+
+def check_config(path: str | None) -> int:
+    """Load ``path`` and report; 0 when it is usable, 78 when not."""
+    from busd.config import DEFAULT_PATH, ConfigError, load_config
+    from busd.daemon import check_names
+
+    try:
+        config = load_config(path)
+        check_names(config)
+    except ConfigError as error:
+        print(f"busd: {error}", file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as error:
+        print(f"busd: {path or DEFAULT_PATH}: {error}", file=sys.stderr)
+        return EX_CONFIG
+    brokers = len(config.brokers)
+    print(f"{path or DEFAULT_PATH}: OK ({brokers} broker{'s' * (brokers != 1)})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """``busd run``: load the config, build the daemon, serve until told to stop."""
+    from busd.config import DEFAULT_PATH, ConfigError, load_config
+    from busd.daemon import Daemon, Overrides, check_names
+
+    overrides = Overrides(
+        socket=args.socket, pidfile=args.pidfile, log_level=args.log_level
+    )
+    config_path = os.path.abspath(args.config) if args.config else None
+    try:
+        config = overrides.apply(load_config(config_path))
+        check_names(config)
+        daemon = Daemon(config, config_path=config_path, overrides=overrides)
+    except ConfigError as error:
+        print(f"busd: {error}", file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as error:
+        print(f"busd: {config_path or DEFAULT_PATH}: {error}", file=sys.stderr)
+        return EX_CONFIG
+    if args.daemonize:
+        from busd.plugins.daemonize import Daemonizer
+
+        Daemonizer(daemon.bus, stdout=args.log_file, stderr=args.log_file).subscribe()
+    return daemon.run()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ class DaemonConfig:
     log_level: str = "info"
     max_frame: int = 1048576
     max_clients: int = 1024
+    frame_timeout: float = 10.0
+    max_output: int = 8388608
     strict_channels: bool = False
 
 
@@ -267,6 +269,8 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         log_level=t.get("log_level", d.log_level, _choice(LOG_LEVELS)),
         max_frame=t.get("max_frame", d.max_frame, _integer(1024, _MAX_FRAME)),
         max_clients=t.get("max_clients", d.max_clients, _integer(1)),
+        frame_timeout=t.get("frame_timeout", d.frame_timeout, _seconds),
+        max_output=t.get("max_output", d.max_output, _integer(65536)),
         strict_channels=t.get("strict_channels", d.strict_channels, _boolean),
     )
     t.reject_unknown()

@@ -143,8 +143,13 @@ class FrameDecoder:
 
     @property
     def pending(self) -> int:
-        """Bytes received that do not yet make a whole frame."""
-        return len(self._buffer)
+        """Bytes received that do not yet make a whole frame.
+
+        A header already read counts too: a client that sent only a header
+        is in the middle of a frame (the frame timeout must apply to it).
+        """
+        header = HEADER.size if self._body_length is not None else 0
+        return header + len(self._buffer)
 
     def feed(self, data: bytes) -> list[dict[str, Any] | ProtocolError]:
         """Add ``data``; return each completed message in order.

@@ -85,11 +85,17 @@ class DropPrivileges(SimplePlugin):
         Running again (a later start of the same bus) is harmless: the
         process already is that owner.
         """
-        if self.uid is not None or self.gid is not None:
+        switching = self.uid is not None or self.gid is not None
+        if switching:
             self._change_owner()
         if self.umask is not None:
             change_file_creation_mask(self.umask)
         umask = "unchanged" if self.umask is None else f"{self.umask:03o}"
+        if not switching:
+            self.bus.log(
+                f"Running as uid={os.getuid()} gid={os.getgid()}, umask={umask}"
+            )
+            return
         groups = ",".join(str(g) for g in os.getgroups())
         self.bus.log(
             f"Dropped privileges to uid={os.getuid()} gid={os.getgid()} "

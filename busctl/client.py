@@ -1,0 +1,328 @@
+"""``busctl.Client``: a small synchronous client for the busd control socket.
+
+::
+
+    from busctl import Client
+
+    with Client("/run/busd/busd.sock") as busd:
+        print(busd.state()["state"])
+        busd.publish("main", "BUY ABCD 10")
+        for event in busd.subscribe("main"):
+            print(event["channel"], event["message"])
+
+Every call sends one request frame and reads frames until its answer
+comes; stream events that arrive meanwhile are kept for the stream they
+belong to. ``publish_many`` keeps a window of requests in flight, which is
+how ``busctl publish CHANNEL -`` sends many messages quickly.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from busd.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    ProtocolError,
+    encode_frame,
+)
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "BusError",
+    "Client",
+    "ClientError",
+    "DaemonUnavailable",
+    "Timeout",
+]
+
+DEFAULT_SOCKET = "/run/busd/busd.sock"
+DEFAULT_TIMEOUT = 10.0
+READ_CHUNK = 256 * 1024
+
+
+class ClientError(Exception):
+    """Base class of everything this client raises."""
+
+
+class DaemonUnavailable(ClientError):
+    """No busd answers at the socket path (not running, or wrong path)."""
+
+
+class Timeout(ClientError):
+    """busd did not answer in time."""
+
+
+class BusError(ClientError):
+    """busd answered with an error; ``code`` is one of docs/protocol.md's."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+def default_socket() -> str:
+    """``$BUSD_SOCKET`` if set, else the packaged default path."""
+    return os.environ.get("BUSD_SOCKET") or DEFAULT_SOCKET
+
+
+class Client:
+    """A connection to busd. Use as a context manager, or call ``close()``.
+
+    ``timeout`` bounds each wait for an answer (None waits forever), not
+    the life of a stream.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.path = path or default_socket()
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self._ids = itertools.count(1)
+        self._answers: dict[Any, dict[str, Any]] = {}
+        self._events: dict[Any, collections.deque[Any]] = {}
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except FileNotFoundError:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"busd is not running: no socket at {self.path}"
+            ) from None
+        except ConnectionRefusedError:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"busd is not running: {self.path} refuses connections"
+            ) from None
+        except BlockingIOError:
+            # A Unix socket's connect fails with EAGAIN (it does not wait,
+            # whatever the timeout) when busd's accept queue is full.
+            self._sock.close()
+            raise BusError(
+                "busy", f"busd's connection queue on {self.path} is full"
+            ) from None
+        except PermissionError:
+            self._sock.close()
+            raise BusError(
+                "permission_denied",
+                f"no permission to connect to {self.path}: ask for its group",
+            ) from None
+        except TimeoutError:
+            self._sock.close()
+            raise Timeout(f"busd did not accept a connection on {self.path}") from None
+        except OSError as error:
+            self._sock.close()
+            raise DaemonUnavailable(f"cannot connect to {self.path}: {error}") from None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (ends every stream)."""
+        self._sock.close()
+
+    # -- requests ------------------------------------------------------------
+
+    def send(self, op: str, **arguments: Any) -> int:
+        """Send a request without waiting; return its id for ``wait()``.
+
+        A request busd would refuse for its size (``too_large``, over
+        ``max_frame``) or that has no msgpack form (``bad_request``) raises
+        :class:`BusError` here, before anything is sent: busd would close
+        the connection on an oversized frame, mid-write.
+        """
+        request_id = next(self._ids)
+        message = {"id": request_id, "op": op, **arguments}
+        try:
+            frame = encode_frame(message, self.max_frame)
+        except ProtocolError as error:
+            raise BusError(str(error.code), error.message) from None
+        self._write(frame)
+        return request_id
+
+    def wait(self, request_id: int) -> Any:
+        """Read until the answer to ``request_id`` arrives; return its result.
+
+        Raises :class:`BusError` when busd answered with an error.
+        """
+        while request_id not in self._answers:
+            self._read_frames()
+        return _result(self._answers.pop(request_id))
+
+    def call(self, op: str, **arguments: Any) -> Any:
+        """Run one op and return its result."""
+        return self.wait(self.send(op, **arguments))
+
+    def ping(self) -> str:
+        """``"pong"`` when busd is alive."""
+        return self.call("ping")
+
+    def hello(self) -> dict[str, Any]:
+        """Agree on the protocol version; busd's version, PID and ops."""
+        return self.call("hello", versions=[PROTOCOL_VERSION], client="busctl")
+
+    def state(self) -> dict[str, Any]:
+        """The bus state, process figures and counters."""
+        return self.call("state")
+
+    def publish(self, channel: str, message: Any) -> dict[str, Any]:
+        """Publish ``message`` (any msgpack value) on ``channel``."""
+        return self.call("publish", channel=channel, message=message)
+
+    def publish_many(
+        self, channel: str, messages: Iterable[Any], window: int = 64
+    ) -> list[dict[str, Any]]:
+        """Publish each message, keeping up to ``window`` requests in flight.
+
+        Results come back in the order of ``messages``. The first error
+        raises :class:`BusError` once the messages before it are answered.
+        """
+        pending: collections.deque[int] = collections.deque()
+        results: list[dict[str, Any]] = []
+        for message in messages:
+            if len(pending) >= window:
+                results.append(self.wait(pending.popleft()))
+            pending.append(self.send("publish", channel=channel, message=message))
+        while pending:
+            results.append(self.wait(pending.popleft()))
+        return results
+
+    def reload(self) -> dict[str, Any]:
+        """Ask busd to reload its configuration (like SIGHUP)."""
+        return self.call("reload")
+
+    def shutdown(self) -> dict[str, Any]:
+        """Ask busd to exit."""
+        return self.call("shutdown")
+
+    # -- streams -------------------------------------------------------------
+
+    def stream(self, op: str, **arguments: Any) -> Stream:
+        """Start a stream op; iterate the returned :class:`Stream` for events."""
+        request_id = self.send(op, **arguments)
+        self._events[request_id] = collections.deque()
+        try:
+            result = self.wait(request_id)
+        except ClientError:
+            self._events.pop(request_id, None)
+            raise
+        return Stream(self, request_id, result)
+
+    def subscribe(self, *channels: str) -> Stream:
+        """Messages published on ``channels``: events ``{channel, message}``."""
+        return self.stream("subscribe", channels=list(channels))
+
+    def events(self) -> Stream:
+        """Bus (and broker) state changes as they happen."""
+        return self.stream("events")
+
+    def logs(self, lines: int = 50, follow: bool = False, source: str | None = None):
+        """Recent log lines; with ``follow``, a stream of the new ones too."""
+        arguments: dict[str, Any] = {"lines": lines, "follow": follow}
+        if source is not None:
+            arguments["source"] = source
+        if not follow:
+            return self.call("logs", **arguments)
+        return self.stream("logs", **arguments)
+
+    def _next_event(self, request_id: int, timeout: float | None) -> Any:
+        queue = self._events[request_id]
+        old_timeout = self._sock.gettimeout()
+        self._sock.settimeout(timeout)
+        try:
+            while not queue:
+                self._read_frames()
+        except Timeout:
+            raise Timeout(
+                f"no event on stream {request_id} within {timeout:g} s"
+            ) from None
+        finally:
+            self._sock.settimeout(old_timeout)
+        return queue.popleft()
+
+    # -- the socket ------------------------------------------------------------
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            self._sock.sendall(frame)
+        except TimeoutError:
+            raise Timeout("busd is not reading requests (send timed out)") from None
+        except OSError as error:
+            raise DaemonUnavailable(f"lost the connection to busd: {error}") from None
+
+    def _read_frames(self) -> None:
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except TimeoutError:
+            waited = self._sock.gettimeout()
+            raise Timeout(f"busd did not answer within {waited:g} s") from None
+        except OSError as error:
+            raise DaemonUnavailable(f"lost the connection to busd: {error}") from None
+        if not data:
+            raise DaemonUnavailable("busd closed the connection")
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as error:
+            raise ClientError(f"busd sent a broken frame: {error.message}") from None
+        for message in messages:
+            if isinstance(message, ProtocolError):
+                raise ClientError(f"busd sent a broken frame: {message.message}")
+            request_id = message.get("id")
+            if "event" in message:
+                if request_id in self._events:
+                    self._events[request_id].append(message["event"])
+            elif request_id is None and message.get("ok") is False:
+                # An answer to no request: busd refused the connection itself
+                # (a frame it could not read, too many clients).
+                raise _error(message)
+            else:
+                self._answers[request_id] = message
+
+
+class Stream:
+    """The events of one stream op; iterate it, or ``next_event(timeout)``."""
+
+    def __init__(self, client: Client, request_id: int, result: Any) -> None:
+        self.client = client
+        self.id = request_id
+        self.result = result
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield self.next_event(timeout=None)
+
+    def next_event(self, timeout: float | None = None) -> Any:
+        """The next event; :class:`Timeout` if none comes within ``timeout``."""
+        return self.client._next_event(self.id, timeout)
+
+    def cancel(self) -> None:
+        """Ask busd to end this stream (the connection stays open)."""
+        self.client.call("cancel", stream=self.id)
+        self.client._events.pop(self.id, None)
+
+
+def _result(answer: dict[str, Any]) -> Any:
+    if answer.get("ok"):
+        return answer.get("result")
+    raise _error(answer)
+
+
+def _error(answer: dict[str, Any]) -> BusError:
+    error = answer.get("error") or {}
+    return BusError(str(error.get("code", "internal")), str(error.get("message", "")))

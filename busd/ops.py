@@ -1,0 +1,175 @@
+"""The control ops busd answers: what each takes, checks and returns.
+
+Each op is a coroutine ``op(ctx, args)`` run on the I/O loop; ``args`` are
+the request's keys besides ``id`` and ``op``. Arguments are checked before
+anything happens, and a wrong one is a ``bad_request`` naming it. Ops that
+change the bus (``reload``, ``shutdown``) hand the change to the main
+thread and answer at once. The list, with examples, is docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from busd._version import __version__
+from busd.control import READ, WRITE, Op, RequestContext
+from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from busd.daemon import Daemon
+
+MAX_CHANNEL_LENGTH = 128
+MAX_LOG_LINES = 10_000
+
+
+def build_ops(daemon: Daemon) -> dict[str, Op]:
+    """The op table for ``daemon``: name -> Op(handler, access, stream)."""
+
+    async def hello(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "hello", "versions", "client")
+        versions = args.get("versions", [PROTOCOL_VERSION])
+        if not isinstance(versions, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in versions
+        ):
+            raise _bad("hello", "versions", "a list of integers", versions)
+        if PROTOCOL_VERSION not in versions:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"no common protocol version: busd speaks {PROTOCOL_VERSION}, "
+                f"the client {versions}",
+            )
+        return {
+            "version": PROTOCOL_VERSION,
+            "busd": __version__,
+            "pid": os.getpid(),
+            "ops": sorted(daemon.ops),
+        }
+
+    async def ping(ctx: RequestContext, args: dict[str, Any]) -> str:
+        _only(args, "ping")
+        return "pong"
+
+    async def state(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "state")
+        return daemon.describe()
+
+    async def publish(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "publish", "channel", "message")
+        channel = _channel(args.get("channel"), "publish")
+        if "message" not in args:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'publish' needs a 'message'")
+        return daemon.route(channel, args["message"])
+
+    async def subscribe(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "subscribe", "channels")
+        channels = args.get("channels")
+        if not isinstance(channels, list) or not channels:
+            raise _bad("subscribe", "channels", "a non-empty list of names", channels)
+        names = [_channel(c, "subscribe") for c in channels]
+
+        def deliver(channel: str, message: Any) -> None:
+            ctx.emit({"channel": channel, "message": message})
+
+        for name in names:
+            daemon.hub.subscribe(name, deliver)
+        ctx.open_stream(lambda: [daemon.hub.unsubscribe(n, deliver) for n in names])
+        return {"channels": names}
+
+    async def events(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "events")
+
+        def forward(event: dict[str, Any]) -> None:
+            ctx.emit(event)
+
+        daemon.hub.follow_events(forward)
+        ctx.open_stream(lambda: daemon.hub.unfollow_events(forward))
+        return {"state": daemon.bus.state.name}
+
+    async def logs(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "logs", "lines", "follow", "source")
+        lines = args.get("lines", 50)
+        if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+            raise _bad("logs", "lines", "a whole number >= 0", lines)
+        follow = args.get("follow", False)
+        if not isinstance(follow, bool):
+            raise _bad("logs", "follow", "true or false", follow)
+        source = args.get("source")
+        if source is not None and not isinstance(source, str):
+            raise _bad("logs", "source", "a string", source)
+        recent = daemon.ring.recent(min(lines, MAX_LOG_LINES), source)
+        if follow:
+
+            def forward(entry: dict[str, Any]) -> None:
+                if source is None or entry["source"] == source:
+                    ctx.connection.server.call_soon(ctx.emit, entry)
+
+            daemon.ring.follow(forward)
+            ctx.open_stream(lambda: daemon.ring.unfollow(forward))
+        return {"lines": recent}
+
+    async def cancel(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "cancel", "stream")
+        target = args.get("stream")
+        if not ctx.connection.end_stream(target):
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"no open stream with id {target!r}"
+            )
+        return {"cancelled": target}
+
+    async def reload(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "reload")
+        daemon.request_main_thread("graceful", f"requested by {ctx.peer}")
+        return {"reloading": True}
+
+    async def shutdown(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "shutdown")
+        daemon.request_main_thread("exit", f"requested by {ctx.peer}")
+        return {"stopping": True, "pid": os.getpid(), "at": time.time()}
+
+    return {
+        "hello": Op(hello, READ),
+        "ping": Op(ping, READ),
+        "state": Op(state, READ),
+        "publish": Op(publish, WRITE),
+        "subscribe": Op(subscribe, READ, stream=True),
+        "events": Op(events, READ, stream=True),
+        "logs": Op(logs, READ, stream=True),
+        "cancel": Op(cancel, READ),
+        "reload": Op(reload, WRITE),
+        "shutdown": Op(shutdown, WRITE),
+    }
+
+
+def _only(args: dict[str, Any], op: str, *allowed: str) -> None:
+    """Refuse arguments an op does not know: a typo should not pass silently."""
+    for name in args:
+        if name not in allowed:
+            known = ", ".join(repr(a) for a in allowed) or "none"
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"{op!r} takes no argument {name!r} (it takes: {known})",
+            )
+
+
+def _bad(op: str, name: str, expected: str, got: Any) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.BAD_REQUEST,
+        f"{op!r} needs {name!r} as {expected}, got {_describe(got)}",
+    )
+
+
+def _channel(value: Any, op: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_CHANNEL_LENGTH:
+        raise _bad(
+            op, "channel", f"a non-empty string of at most {MAX_CHANNEL_LENGTH}", value
+        )
+    return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
