@@ -16,17 +16,13 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import statistics
 import sys
 import timeit
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from _common import RESULTS, machine, now, write_section
 from cherrypy.process.wspbus import Bus as CherryPyBus
 
 from busd.bus import Bus as BusdBus
@@ -37,7 +33,6 @@ CHANNEL = "main"
 # Each timing runs for about this long; the number of calls is set once
 # per case so that every round repeats exactly the same work.
 SECONDS_PER_TIMING = 0.05
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Bus.publish"
 
 
@@ -120,26 +115,8 @@ def table(results: dict[int, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else "unknown"
-
-
-def machine() -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{os.cpu_count()} cores, {cpu_model()}; "
-        f"{platform.python_implementation()} {platform.python_version()}; "
-        f"load average before the run {load}"
-    )
-
-
 def section(results: dict[int, dict[str, list[float]]], repeats: int, host: str) -> str:
-    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    today = now()
     return (
         f"{SECTION}\n\n"
         f"Machine: {host}.  \n"
@@ -153,15 +130,7 @@ def section(results: dict[int, dict[str, list[float]]], repeats: int, host: str)
 
 def write_results(text: str) -> None:
     """Replace the ``## Bus.publish`` section of RESULTS.md (or add it)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        following = old.find("\n## ", start + len(SECTION))
-        rest = "" if following < 0 else old[following + 1 :]
-        new = old[:start] + text + ("\n" + rest if rest else "")
-    RESULTS.write_text(new)
+    write_section(SECTION, text, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,11 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
 def render_log_entry(entry: dict[str, Any]) -> str:
     """One log entry as ``time level source: message``."""
     stamp = time.strftime("%H:%M:%S", time.localtime(entry.get("time", 0)))
+    source = entry.get("source", "busd")
+    if "instance" in entry:  # a worker's line: which instance, which process
+        source = f"{source}:{entry['instance']}[{entry.get('pid', '?')}]"
     return (
-        f"{stamp} {entry.get('level', 'info'):<7} {entry.get('source', 'busd')}: "
-        f"{entry.get('message', '')}"
+        f"{stamp} {entry.get('level', 'info'):<7} {source}: {entry.get('message', '')}"
     )
 
 

@@ -18,6 +18,7 @@ event followers) is touched only from that loop.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import grp
 import itertools
@@ -42,6 +43,7 @@ from busd.plugins.privileges import DropPrivileges
 from busd.plugins.sdnotify import SdNotify
 from busd.plugins.signals import SignalHandler
 from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
+from busd.supervisor import Supervisor
 
 log = logging.getLogger("busd")
 
@@ -146,11 +148,13 @@ class Daemon:
             self.bus, user=settings.user or None, umask=settings.umask
         )
         self.notify = SdNotify(self.bus, unset_environment=True)
+        self.supervisor = Supervisor(self.bus, self)
         for plugin in (
             self.signals,
             self.pidfile,
             self.control,
             self.privileges,
+            self.supervisor,
             self.notify,
         ):
             plugin.subscribe()
@@ -220,6 +224,7 @@ class Daemon:
             max_output=new.busd.max_output,
         )
         self.config = new
+        self.supervisor.reconfigure(new)
         log.info("Reloaded configuration from %s", self.config_path or "defaults")
 
     def _announce_state(self, state: states) -> None:
@@ -228,20 +233,29 @@ class Daemon:
 
     # -- what ops act on (called on the I/O loop) ---------------------------
 
-    def route(self, channel: str, message: Any) -> dict[str, Any]:
-        """Accept ``message`` on ``channel``; say where it went."""
-        brokers = 0  # brokers arrive with the supervisor
-        if brokers == 0 and self.config.busd.strict_channels:
+    def route(
+        self, channel: str, message: Any, wait: bool = False
+    ) -> tuple[dict[str, Any], asyncio.Future[dict[str, int]] | None]:
+        """Accept ``message`` on ``channel``: queue it for every broker on the
+        channel and hand it to the control clients subscribed to it.
+
+        Returns the ``publish`` result and, with ``wait``, a future for the
+        brokers' acks. Raises ``busy`` (a broker's queue is full) or, with
+        ``strict_channels``, ``unknown_channel``.
+        """
+        if self.config.busd.strict_channels and channel not in self.supervisor.routes:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_CHANNEL,
                 f"no broker listens on channel {channel!r} (strict_channels is on)",
             )
         message_id = next(self._message_ids)
+        brokers, acks = self.supervisor.publish(message_id, channel, message, wait)
         self.published += 1
         if brokers == 0:
             self.unrouted += 1
         subscribers = self.hub.deliver(channel, message)
-        return {"id": message_id, "brokers": brokers, "subscribers": subscribers}
+        result = {"id": message_id, "brokers": brokers, "subscribers": subscribers}
+        return result, acks
 
     def describe(self) -> dict[str, Any]:
         """The ``state`` op's answer: the bus, this process, the counters."""
@@ -269,7 +283,7 @@ class Daemon:
             "clients": len(self.control.connections),
             "published": self.published,
             "unrouted": self.unrouted,
-            "brokers": {},
+            "brokers": self.supervisor.describe(),
         }
 
 

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -46,18 +45,20 @@ class JournalFormatter(logging.Formatter):
 
 
 class LogRing(logging.Handler):
-    """Keeps the last ``capacity`` log entries and tells followers of new ones.
+    """Keeps the last log entries of each source and tells followers of new ones.
 
-    An entry is a dict ``{time, level, source, message}`` ready to be sent
-    to a client. Followers are called from whatever thread logged, so they
-    must only hand the entry over (e.g. ``loop.call_soon_threadsafe``).
+    An entry is a dict ``{time, level, source, message}`` (a worker's also
+    has ``instance`` and ``pid``), ready to be sent to a client. Each
+    source (busd itself, each broker) has its own bounded ring, so a
+    chatty broker cannot push busd's own lines out. Followers are called
+    from whatever thread logged, so they must only hand the entry over
+    (e.g. ``loop.call_soon_threadsafe``).
     """
 
     def __init__(self, capacity: int = DEFAULT_RING_LINES) -> None:
         super().__init__()
-        self._entries: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=capacity
-        )
+        self.capacity = capacity
+        self._rings: dict[str, collections.deque[dict[str, Any]]] = {}
         self._followers: list[Callable[[dict[str, Any]], None]] = []
         self._ring_lock = threading.Lock()
 
@@ -67,30 +68,41 @@ class LogRing(logging.Handler):
             "time": record.created,
             "level": record.levelname.lower(),
             "source": getattr(record, "source", "busd"),
-            "message": record.getMessage(),
         }
+        # A worker's line (see busd.supervisor) carries its own fields and
+        # its bare text, without the "orders:0[PID]" prefix of busd's log.
+        for key in ("instance", "pid"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        entry["message"] = (
+            record.line if hasattr(record, "line") else record.getMessage()
+        )
+        self._store(entry)
+
+    def _store(self, entry: dict[str, Any]) -> None:
         with self._ring_lock:
-            self._entries.append(entry)
+            ring = self._rings.get(entry["source"])
+            if ring is None:
+                ring = self._rings[entry["source"]] = collections.deque(
+                    maxlen=self.capacity
+                )
+            ring.append(entry)
             followers = list(self._followers)
         for follower in followers:
             follower(entry)
 
-    def add_entry(self, source: str, message: str, level: str = "info") -> None:
-        """Record a line that did not come through ``logging`` (a worker's)."""
-        record = logging.LogRecord(
-            LOGGER_NAME, logging.getLevelName(level.upper()), "", 0, message, None, None
-        )
-        record.created = time.time()
-        record.source = source
-        self.emit(record)
-
     def recent(self, count: int, source: str | None = None) -> list[dict[str, Any]]:
-        """The last ``count`` entries, oldest first, optionally of one source."""
+        """The last ``count`` entries, oldest first, of one source or of all."""
+        if count <= 0:
+            return []
         with self._ring_lock:
-            entries = list(self._entries)
-        if source is not None:
-            entries = [e for e in entries if e["source"] == source]
-        return entries[-count:] if count > 0 else []
+            if source is not None:
+                entries = list(self._rings.get(source, ()))
+            else:
+                entries = [e for ring in self._rings.values() for e in ring]
+        if source is None:
+            entries.sort(key=lambda e: e["time"])
+        return entries[-count:]
 
     def follow(self, follower: Callable[[dict[str, Any]], None]) -> None:
         """Call ``follower(entry)`` for every entry from now on."""

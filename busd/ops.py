@@ -9,6 +9,7 @@ thread and answer at once. The list, with examples, is docs/protocol.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from busd.daemon import Daemon
+
+log = logging.getLogger("busd")
 
 MAX_CHANNEL_LENGTH = 128
 MAX_LOG_LINES = 10_000
@@ -56,11 +59,65 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         return daemon.describe()
 
     async def publish(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        _only(args, "publish", "channel", "message")
+        _only(args, "publish", "channel", "message", "wait")
         channel = _channel(args.get("channel"), "publish")
         if "message" not in args:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'publish' needs a 'message'")
-        return daemon.route(channel, args["message"])
+        wait = args.get("wait", False)
+        if not isinstance(wait, bool):
+            raise _bad("publish", "wait", "true or false", wait)
+        result, acks = daemon.route(channel, args["message"], wait)
+        if acks is not None:
+            result.update(await acks)
+        return result
+
+    def broker_target(op: str, args: dict[str, Any]) -> tuple[Any, int | None]:
+        name = args.get("broker")
+        if not isinstance(name, str):
+            raise _bad(op, "broker", "a broker name", name)
+        broker = daemon.supervisor.brokers.get(name)
+        if broker is None:
+            known = ", ".join(sorted(daemon.supervisor.brokers)) or "none"
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND, f"no broker {name!r} (configured: {known})"
+            )
+        index = args.get("instance")
+        if index is not None and (
+            isinstance(index, bool) or not isinstance(index, int)
+        ):
+            raise _bad(op, "instance", "an instance number", index)
+        if index is not None and not 0 <= index < len(broker.instances):
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"broker {name!r} has no instance {index} "
+                f"(it has {len(broker.instances)})",
+            )
+        return broker, index
+
+    def lifecycle(action: str):
+        async def op(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+            _only(args, action, "broker", "instance")
+            broker, index = broker_target(action, args)
+            log.info("%s %s requested by %s", action, args["broker"], ctx.peer)
+            await getattr(broker, action.removeprefix("broker_"))(index)
+            return broker.describe()
+
+        return op
+
+    async def scale(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        _only(args, "scale", "broker", "instances")
+        broker, _ = broker_target("scale", args)
+        count = args.get("instances")
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 0 <= count <= 256
+        ):
+            raise _bad("scale", "instances", "a whole number from 0 to 256", count)
+        log.info("Scale %s to %d requested by %s", broker.name, count, ctx.peer)
+        await broker.scale(count)
+        await daemon.supervisor.wait_settled(broker.instances)
+        return broker.describe()
 
     async def subscribe(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "subscribe", "channels")
@@ -137,6 +194,10 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         "events": Op(events, READ, stream=True),
         "logs": Op(logs, READ, stream=True),
         "cancel": Op(cancel, READ),
+        "broker_start": Op(lifecycle("broker_start"), WRITE),
+        "broker_stop": Op(lifecycle("broker_stop"), WRITE),
+        "broker_restart": Op(lifecycle("broker_restart"), WRITE),
+        "scale": Op(scale, WRITE),
         "reload": Op(reload, WRITE),
         "shutdown": Op(shutdown, WRITE),
     }

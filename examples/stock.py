@@ -68,6 +68,73 @@ def setup_logging() -> None:
     )
 
 
+def place_order(bus: busd.Bus, order: str) -> None:
+    """Carry out ``"BUY|SELL CODE N"``: log it; refuse anything else."""
+    side, code, quantity = parse_order(order)
+    bus.log(f"{side} order placed for {quantity} {code}")
+
+
+def parse_order(order: object) -> tuple[str, str, int]:
+    """Split an order; ValueError (a nack, under busd) if it is malformed."""
+    parts = order.split() if isinstance(order, str) else []
+    if (
+        len(parts) != 3
+        or parts[0] not in ("BUY", "SELL")
+        or not parts[1].isalpha()
+        or not parts[2].isdigit()
+    ):
+        raise ValueError(f"not an order of the form 'BUY|SELL CODE N': {order!r}")
+    return parts[0], parts[1], int(parts[2])
+
+
+def random_order() -> str:
+    """An order such as ``BUY ABCD 10``."""
+    side = random.choice(["BUY", "SELL"])
+    code = "".join(random.choices(string.ascii_uppercase, k=4))
+    return f"{side} {code} {random.randint(1, 100)}"
+
+
+# -- the daemon form: the same roles as busd brokers ----------------------------
+
+
+class OrderBroker(SimplePlugin):
+    """The Broker as a busd broker (``handler = "examples.stock:OrderBroker"``).
+
+    busd runs it in a worker process with that process's own bus; every
+    message published on a channel the broker is configured for becomes a
+    publish on this bus. Returning acknowledges the message; raising (a
+    malformed order) makes busd retry it, then send it to ``dead``.
+    """
+
+    def main(self, order: object) -> None:
+        place_order(self.bus, order)
+
+
+class OrderBank(SimplePlugin):
+    """The Bank as a busd broker: publishes a random order on busd's ``main``
+    channel every ``BANK_INTERVAL`` seconds, for the OrderBrokers to carry out.
+    """
+
+    def __init__(self, bus: busd.Bus) -> None:
+        super().__init__(bus)
+        from busd.plugins import Monitor
+
+        self.monitor = Monitor(bus, self.place, frequency=BANK_INTERVAL, name="bank")
+
+    def subscribe(self) -> None:
+        super().subscribe()
+        self.monitor.subscribe()
+
+    def place(self) -> None:
+        order = random_order()
+        self.bus.log(f"Bank sends {order}")
+        self.bus.publish_upstream("main", order)
+
+
+#: Seconds between two orders of the daemon-form Bank.
+BANK_INTERVAL = 2.0
+
+
 # -- the Broker's process ------------------------------------------------------
 
 
@@ -91,8 +158,7 @@ class Broker(SimplePlugin):
             if order is STOP:
                 self.bus.exit()
                 return
-            side, code, quantity = order.split()
-            self.bus.log(f"{side} order placed for {quantity} {code}")
+            place_order(self.bus, order)
 
 
 def run_broker(orders: Queue, interval: float) -> None:
@@ -159,12 +225,10 @@ class Bank(SimplePlugin):
         self.placed = 0
 
     def main(self) -> None:
-        side = random.choice(["BUY", "SELL"])
-        code = "".join(random.choices(string.ascii_uppercase, k=4))
-        quantity = random.randint(1, 100)
-        self.orders.put(f"{side} {code} {quantity}")
+        order = random_order()
+        self.orders.put(order)
         self.placed += 1
-        self.bus.log(f"Bank sent order {self.placed}: {side} {code} {quantity}")
+        self.bus.log(f"Bank sent order {self.placed}: {order}")
         if self.placed == self.limit:
             self.bus.exit()
 

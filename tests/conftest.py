@@ -77,9 +77,10 @@ class RunningDaemon:
 
 
 def answers(socket_path: str) -> bool:
+    """Whether busd answers on ``socket_path`` and has finished starting."""
     try:
         with Client(socket_path, timeout=2) as client:
-            return client.ping() == "pong"
+            return client.state()["state"] == "STARTED"
     except ClientError:
         return False
 

@@ -243,7 +243,8 @@ def test_the_example_config_loads_cleanly():
     assert c.busd.pidfile == "/run/busd/busd.pid"
     assert list(c.brokers) == ["orders"]
     orders = c.brokers["orders"]
-    assert orders.handler == "examples.stock:Broker"
+    assert orders.handler == "examples.stock:OrderBroker"
+    assert orders.cwd == ".."
     assert orders.command is None
     assert orders.channels == ("main",)
     assert orders.instances == 2

@@ -1,0 +1,407 @@
+"""One broker instance: a worker process, its states, and its pipes.
+
+An instance lives on busd's I/O loop. It starts ``python -m busd.worker``
+(see busd/worker.py) with pipes on stdin, stdout and stderr: frames go
+down stdin, acks and publishes come up stdout, log lines come on stderr.
+Its life, with every transition made by :meth:`Instance.change_state`::
+
+                 start()           "ready" frame
+      STOPPED ------------> STARTING ------------> RUNNING
+         ^  ^                 |    \\                 |   \\
+         |   \\   stop()       |     \\ exit           |    \\ stop()
+         |    \\-------- STOPPING <---\\-------------------/   (ask, SIGTERM,
+         |                            \\             | exit      SIGKILL)
+         |        backoff timer        V             V
+         |   BACKOFF <------------- (exited unexpectedly: restart policy)
+         |      |   too many fast failures
+         |      +---------------------------> FATAL   (busctl start resets)
+         +--- restart policy says no, or stop() while in BACKOFF/FATAL
+
+A failure is *fast* when the worker never reported ready or died within
+``FAST_FAILURE_SECONDS`` of it; ``MAX_FAST_FAILURES`` in a row give FATAL.
+Between restarts the delay doubles from ``BACKOFF_FIRST`` up to
+``BACKOFF_CAP``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+
+if TYPE_CHECKING:
+    from busd.broker import Broker
+
+log = logging.getLogger("busd.broker")
+
+FAST_FAILURE_SECONDS = 1.0
+MAX_FAST_FAILURES = 5
+BACKOFF_FIRST = 0.1
+BACKOFF_CAP = 30.0
+MAX_LOG_LINE = 8192
+WORKER_MAX_FRAME = 64 << 20
+
+
+class InstanceState(enum.Enum):
+    """Where a worker process is in its life (see the module diagram)."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    FATAL = "FATAL"
+
+
+S = InstanceState
+ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
+    S.STOPPED: frozenset({S.STARTING}),
+    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.BACKOFF, S.FATAL, S.STOPPED}),
+    S.RUNNING: frozenset({S.STOPPING, S.BACKOFF, S.FATAL, S.STOPPED}),
+    S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED}),
+    S.FATAL: frozenset({S.STARTING, S.STOPPED}),
+}
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One message on its way to one broker."""
+
+    id: int
+    channel: str
+    message: Any
+    attempts: int = 0
+    redelivered: bool = False
+    # Called once with "acked" or "dead" (publish --wait listens here).
+    on_settled: Callable[[str], None] | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def settle(self, outcome: str) -> None:
+        """Report the final outcome to whoever waits for it."""
+        if self.on_settled is not None:
+            self.on_settled(outcome)
+            self.on_settled = None
+
+
+class Instance:
+    """One worker process of a broker."""
+
+    def __init__(self, broker: Broker, index: int) -> None:
+        self.broker = broker
+        self.index = index
+        self.state = InstanceState.STOPPED
+        self.process: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.restarts = 0
+        self.fast_failures = 0
+        self.acked = 0
+        self.nacked = 0
+        self.last_exit: str | None = None
+        self.inflight: dict[int, Delivery] = {}
+        self._backoff: asyncio.TimerHandle | None = None
+        self._exited: asyncio.Event = asyncio.Event()
+        self._exited.set()
+
+    @property
+    def name(self) -> str:
+        """``broker:index``, as in logs and ``busctl``."""
+        return f"{self.broker.name}:{self.index}"
+
+    def __str__(self) -> str:
+        return f"{self.name} (PID {self.pid})" if self.pid else self.name
+
+    # -- the one door for state changes ----------------------------------------
+
+    def change_state(self, new: InstanceState, reason: str = "") -> None:
+        """Move to ``new`` if the diagram allows it; announce the change."""
+        if new is self.state:
+            return
+        if new not in ALLOWED[self.state]:
+            raise RuntimeError(
+                f"{self.name}: no transition {self.state.name} -> {new.name}"
+            )
+        old, self.state = self.state, new
+        self.broker.supervisor.announce(self, old, reason)
+
+    # -- starting ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the worker process (STARTING); it is RUNNING once it says so."""
+        if self.state in (S.STARTING, S.RUNNING, S.STOPPING):
+            return
+        self._cancel_backoff()
+        self.change_state(S.STARTING)
+        config = self.broker.config
+        supervisor = self.broker.supervisor
+        command = [sys.executable, "-m", "busd.worker", "--broker", config.name]
+        command += ["--instance", str(self.index)]
+        if config.handler:
+            command += ["--handler", config.handler]
+        else:
+            command += ["--exec", "--", *config.command]
+        env = {
+            **os.environ,
+            **config.env,
+            "BUSD_PID": str(os.getpid()),
+            "BUSD_BROKER": config.name,
+            "BUSD_INSTANCE": str(self.index),
+            supervisor.ORPHAN_MARK: supervisor.identity,
+        }
+        cwd = supervisor.broker_cwd(config)
+        if config.handler:
+            # The handler's module is imported relative to the broker's cwd,
+            # like a script's; busd's own package must stay importable too.
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (cwd, supervisor.package_root, env.get("PYTHONPATH")) if p
+            )
+        self.started_at = time.time()
+        self.ready_at = None
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                limit=MAX_LOG_LINE,
+                **supervisor.process_owner(config),
+            )
+        except OSError as error:
+            log.error("%s: cannot start: %s", self.name, error)
+            self.last_exit = f"cannot start: {error}"
+            self._after_exit(fast=True)
+            return
+        self.pid = self.process.pid
+        self._exited = asyncio.Event()
+        log.info("%s: started, PID %d", self.name, self.pid)
+        background = self.broker.supervisor.background
+        background(self._read_frames(self.process))
+        background(self._read_log(self.process))
+        background(self._wait_exit(self.process))
+
+    # -- what the worker says ----------------------------------------------------
+
+    async def _read_frames(self, process: asyncio.subprocess.Process) -> None:
+        decoder = FrameDecoder(WORKER_MAX_FRAME)
+        assert process.stdout is not None
+        while True:
+            data = await process.stdout.read(1 << 16)
+            if not data:
+                return
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError as error:
+                log.error("%s: broken frame, stopping it: %s", self, error.message)
+                self._kill(signal.SIGKILL)
+                return
+            for frame in frames:
+                if isinstance(frame, ProtocolError):
+                    log.error("%s: unreadable frame ignored: %s", self, frame.message)
+                else:
+                    self._handle(frame)
+
+    def _handle(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "ack":
+            delivery = self.inflight.pop(frame.get("id"), None)
+            if delivery is not None:
+                self.acked += 1
+                self.broker.acked(delivery)
+        elif kind == "nack":
+            delivery = self.inflight.pop(frame.get("id"), None)
+            if delivery is not None:
+                self.nacked += 1
+                self.broker.nacked(self, delivery, str(frame.get("error", "")))
+        elif kind == "publish":
+            self.broker.supervisor.publish_from_worker(self, frame)
+        elif kind == "ready":
+            if self.state is S.STARTING:
+                self.ready_at = time.time()
+                self.change_state(S.RUNNING)
+                self.broker.dispatch()
+        else:
+            log.warning("%s: ignoring a frame of unknown type %r", self, kind)
+
+    async def _read_log(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stderr is not None
+        pid = process.pid
+        while True:
+            try:
+                raw = await process.stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                # A line longer than MAX_LOG_LINE: keep its start, drop the rest.
+                raw = await process.stderr.read(MAX_LOG_LINE) + b" [line truncated]"
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.broker.supervisor.worker_log(self, pid, line)
+
+    async def _wait_exit(self, process: asyncio.subprocess.Process) -> None:
+        status = await process.wait()
+        self.last_exit = describe_status(status)
+        self.process = None
+        self._exited.set()
+        if self.state is S.STOPPING:
+            log.info(
+                "%s: stopped (%s)", f"{self.name} (PID {process.pid})", self.last_exit
+            )
+            self._requeue_inflight()
+            self.pid = None
+            self.change_state(S.STOPPED)
+            return
+        ran = time.time() - (self.ready_at or time.time())
+        fast = self.ready_at is None or ran < FAST_FAILURE_SECONDS
+        log.error(
+            "%s: exited unexpectedly (%s)%s",
+            f"{self.name} (PID {process.pid})",
+            self.last_exit,
+            " before it was ready" if self.ready_at is None else "",
+        )
+        self._requeue_inflight()
+        self.pid = None
+        clean = status == 0
+        self._after_exit(fast=fast, clean=clean)
+
+    def _after_exit(self, fast: bool, clean: bool = False) -> None:
+        """Apply the restart policy after an unexpected exit."""
+        policy = str(self.broker.config.restart)
+        if policy == "never" or (policy == "on-failure" and clean):
+            self.change_state(S.STOPPED, f"restart = {policy}")
+            return
+        self.fast_failures = self.fast_failures + 1 if fast else 1
+        if self.fast_failures >= MAX_FAST_FAILURES:
+            log.error(
+                "%s: FATAL after %d fast failures in a row; `busctl start %s` "
+                "tries again",
+                self.name,
+                self.fast_failures,
+                self.name,
+            )
+            self.change_state(S.FATAL, f"{self.fast_failures} fast failures")
+            return
+        delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self.fast_failures - 1))
+        self.change_state(S.BACKOFF, f"restarting in {delay:g} s")
+        loop = asyncio.get_running_loop()
+        self._backoff = loop.call_later(delay, self._restart_after_backoff)
+
+    def _restart_after_backoff(self) -> None:
+        self._backoff = None
+        if self.state is S.BACKOFF:
+            self.restarts += 1
+            self.broker.supervisor.background(self.start())
+
+    def _requeue_inflight(self) -> None:
+        if self.inflight:
+            deliveries = list(self.inflight.values())
+            self.inflight.clear()
+            log.warning(
+                "%s: %d unacknowledged messages go to another instance",
+                self.name,
+                len(deliveries),
+            )
+            self.broker.requeue(deliveries)
+
+    # -- what busd tells the worker -------------------------------------------
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Send ``delivery`` to the worker; it is in flight until acked."""
+        assert self.process is not None and self.process.stdin is not None
+        delivery.attempts += 1
+        self.inflight[delivery.id] = delivery
+        self.process.stdin.write(
+            encode_frame(
+                {
+                    "type": "deliver",
+                    "id": delivery.id,
+                    "channel": delivery.channel,
+                    "message": delivery.message,
+                    "redelivered": delivery.redelivered,
+                    "attempt": delivery.attempts,
+                }
+            )
+        )
+
+    def has_room(self) -> bool:
+        """Whether this instance can take one more message now."""
+        return (
+            self.state is S.RUNNING
+            and len(self.inflight) < self.broker.config.max_inflight
+        )
+
+    # -- stopping -----------------------------------------------------------------
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the worker: ask, then SIGTERM, then SIGKILL after ``timeout``.
+
+        The worker is asked first (a ``stop`` frame), so it can finish the
+        message in hand; SIGTERM follows half-way through ``timeout``, and
+        SIGKILL at its end. Unacknowledged messages go to other instances.
+        """
+        timeout = self.broker.config.stop_timeout if timeout is None else timeout
+        self._cancel_backoff()
+        if self.state in (S.BACKOFF, S.FATAL):
+            self.change_state(S.STOPPED, "stopped while not running")
+            return
+        if self.state is S.STOPPED:
+            return
+        if self.state is not S.STOPPING:
+            self.change_state(S.STOPPING)
+            process = self.process
+            if process is not None and process.stdin is not None:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    process.stdin.write(encode_frame({"type": "stop"}))
+                    process.stdin.close()
+        for signum, wait in (
+            (signal.SIGTERM, timeout / 2),
+            (signal.SIGKILL, timeout / 2),
+        ):
+            try:
+                await asyncio.wait_for(self._exited.wait(), wait)
+                return
+            except TimeoutError:
+                log.warning(
+                    "%s: still running after the stop request; sending %s",
+                    self,
+                    signal.Signals(signum).name,
+                )
+                self._kill(signum)
+        await self._exited.wait()
+
+    def _kill(self, signum: int) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signum)
+
+    def _cancel_backoff(self) -> None:
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
+
+    def reset(self) -> None:
+        """Forget past fast failures (``busctl start`` after FATAL)."""
+        self.fast_failures = 0
+
+
+def describe_status(status: int) -> str:
+    """``exit status 3`` or ``killed by SIGKILL`` from a returncode."""
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -1,0 +1,383 @@
+"""The broker supervisor: every broker of the config, and the routes to them.
+
+``Supervisor`` is a bus plugin of the daemon. On ``start`` (priority 80:
+after privileges are dropped, before systemd hears READY) it ends workers
+left by a crashed busd, starts every broker's instances and waits until
+each is RUNNING or has clearly failed. On ``stop`` (priority 60: before the
+control server closes its event loop, which carries the workers' pipes) it
+stops them all. ``reconfigure()`` applies a reloaded config with rolling
+restarts.
+
+The supervisor's own work runs on the control server's I/O loop; the bus
+listeners here only hand coroutines to it and wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import time
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+import busd
+from busd.broker import DEAD_CHANNEL, Broker
+from busd.config import BrokerConfig, Config
+from busd.instance import Delivery, Instance, InstanceState
+from busd.plugins.base import SimplePlugin
+from busd.protocol import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from busd.daemon import Daemon
+
+log = logging.getLogger("busd")
+
+# After the privilege drop (77): workers run as busd's user unless their
+# broker names another. Before READY (90): systemd hears "ready" only once
+# the brokers are.
+START_PRIORITY = 80
+# Before the control server (90) stops the loop that carries the pipes.
+STOP_PRIORITY = 60
+# How long start and reload wait for instances to be RUNNING (or to fail).
+READY_WAIT = 30.0
+SETTLED = (InstanceState.RUNNING, InstanceState.FATAL, InstanceState.STOPPED)
+
+
+class Supervisor(SimplePlugin):
+    """Starts, watches and stops the brokers; routes messages to them."""
+
+    #: Environment variable marking a worker as this busd's (orphan search).
+    ORPHAN_MARK = "BUSD_DAEMON"
+
+    def __init__(self, bus: Any, daemon: Daemon) -> None:
+        super().__init__(bus)
+        self.daemon = daemon
+        self.brokers: dict[str, Broker] = {}
+        self.routes: dict[str, list[Broker]] = {}
+        #: Names this busd among others on the machine: its socket path.
+        self.identity = daemon.config.busd.socket
+        #: Where ``import busd`` works from, for handler workers.
+        self.package_root = os.path.dirname(
+            os.path.dirname(os.path.abspath(busd.__file__))
+        )
+        self._changed: asyncio.Condition | None = None
+        self._ps: dict[int, psutil.Process] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- bus listeners (main thread) ---------------------------------------------
+
+    def start(self) -> None:
+        """End orphans, start every broker, wait for them (or their failure)."""
+        end_orphans(self.ORPHAN_MARK, self.identity)
+        self._run(self._start(self.daemon.config))
+
+    start.priority = START_PRIORITY  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        """Stop every broker's instances: ask, SIGTERM, SIGKILL."""
+        if self.brokers:
+            self._run(self._stop_all())
+
+    stop.priority = STOP_PRIORITY  # type: ignore[attr-defined]
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: add, remove, rolling-restart brokers."""
+        self._run(self._reconfigure(config))
+
+    def background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coroutine`` as a task on the loop, keeping it referenced."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        loop = self.daemon.control.loop
+        assert loop is not None, "the control server's loop is not running"
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    # -- on the loop ----------------------------------------------------------------
+
+    async def _start(self, config: Config) -> None:
+        self._changed = asyncio.Condition()
+        for broker_config in config.brokers.values():
+            self._add(broker_config)
+        self._route()
+        await asyncio.gather(
+            *(b.scale(b.config.instances) for b in self.brokers.values())
+        )
+        await self.wait_settled(self.all_instances())
+        for broker in self.brokers.values():
+            log.info(
+                "Broker %s: %d of %d instances running",
+                broker.name,
+                broker.running(),
+                len(broker.instances),
+            )
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(b.stop() for b in self.brokers.values()))
+
+    async def _reconfigure(self, config: Config) -> None:
+        new = dict(config.brokers)
+        for name in [n for n in self.brokers if n not in new]:
+            log.info("Broker %s: removed from the config; stopping it", name)
+            broker = self.brokers.pop(name)
+            self._route()
+            await broker.stop()
+        for name, broker_config in new.items():
+            broker = self.brokers.get(name)
+            if broker is None:
+                log.info("Broker %s: new in the config; starting it", name)
+                broker = self._add(broker_config)
+                self._route()
+                await broker.scale(broker_config.instances)
+            elif broker.config != broker_config:
+                only_count = _same_but_instances(broker.config, broker_config)
+                broker.config = broker_config
+                self._route()
+                if only_count:
+                    await broker.scale(broker_config.instances)
+                else:
+                    log.info("Broker %s: config changed; rolling restart", name)
+                    await broker.scale(broker_config.instances)
+                    await broker.restart()
+        self._route()
+        await self.wait_settled(self.all_instances())
+
+    def _add(self, config: BrokerConfig) -> Broker:
+        broker = Broker(self, config)
+        self.brokers[config.name] = broker
+        return broker
+
+    def _route(self) -> None:
+        routes: dict[str, list[Broker]] = {}
+        for broker in self.brokers.values():
+            for channel in broker.config.channels:
+                routes.setdefault(channel, []).append(broker)
+        self.routes = routes
+
+    def all_instances(self) -> list[Instance]:
+        """Every instance of every broker."""
+        return [i for b in self.brokers.values() for i in b.instances]
+
+    async def wait_settled(
+        self, instances: Iterable[Instance], timeout: float = READY_WAIT
+    ) -> None:
+        """Wait until each instance is RUNNING, FATAL or STOPPED, or ``timeout``."""
+        instances = list(instances)
+        assert self._changed is not None
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(
+                        lambda: all(i.state in SETTLED for i in instances)
+                    ),
+                    timeout,
+                )
+            except TimeoutError:
+                late = [i.name for i in instances if i.state not in SETTLED]
+                log.warning(
+                    "Still not running after %g s: %s", timeout, ", ".join(late)
+                )
+
+    # -- events from instances ---------------------------------------------------
+
+    def announce(self, instance: Instance, old: InstanceState, reason: str) -> None:
+        """An instance changed state: log it, tell ``events``, wake waiters."""
+        log.info(
+            "%s: %s -> %s%s",
+            instance,
+            old.name,
+            instance.state.name,
+            f" ({reason})" if reason else "",
+        )
+        self.daemon.hub.emit(
+            {
+                "type": "broker",
+                "broker": instance.broker.name,
+                "instance": instance.index,
+                "state": instance.state.name,
+                "pid": instance.pid,
+                "time": time.time(),
+            }
+        )
+        if self._changed is not None:
+            changed = self._changed
+
+            async def notify() -> None:
+                async with changed:
+                    changed.notify_all()
+
+            self.background(notify())
+
+    def worker_log(self, instance: Instance, pid: int, line: str) -> None:
+        """A line a worker wrote on stderr: into busd's log, with its origin."""
+        level = logging.INFO
+        for name in ("ERROR", "WARNING", "CRITICAL", "DEBUG"):
+            if line.startswith(f"{name}: "):
+                level = logging.getLevelName(name)
+                line = line[len(name) + 2 :]
+                break
+        extra = {
+            "source": instance.broker.name,
+            "instance": instance.index,
+            "pid": pid,
+            "line": line,
+        }
+        log.log(level, "%s[%d] %s", instance.name, pid, line, extra=extra)
+
+    # -- routing -------------------------------------------------------------------
+
+    def publish(
+        self, message_id: int, channel: str, message: Any, wait: bool = False
+    ) -> tuple[int, asyncio.Future[dict[str, int]] | None]:
+        """Queue ``message`` for every broker on ``channel``.
+
+        Returns how many brokers took it and, with ``wait``, a future that
+        resolves to ``{"acked": n, "dead": m}`` once every broker settled it.
+        Raises ``busy`` when any of those brokers' queues is full: then no
+        broker gets it, so a retry does not duplicate it.
+        """
+        brokers = self.routes.get(channel, ())
+        for broker in brokers:
+            if not broker.has_room():
+                raise ProtocolError(
+                    ErrorCode.BUSY,
+                    f"broker {broker.name!r} has {len(broker.queue)} messages queued "
+                    f"(queue_size {broker.config.queue_size}); try again later",
+                )
+        future: asyncio.Future[dict[str, int]] | None = None
+        on_settled = None
+        if wait and brokers:
+            future = asyncio.get_running_loop().create_future()
+            outcomes = {"acked": 0, "dead": 0}
+
+            def on_settled(outcome: str) -> None:
+                outcomes[outcome] += 1
+                if sum(outcomes.values()) == len(brokers) and not future.done():
+                    future.set_result(outcomes)
+
+        for broker in brokers:
+            broker.accept(Delivery(message_id, channel, message, on_settled=on_settled))
+        return len(brokers), future
+
+    def publish_from_worker(self, instance: Instance, frame: dict[str, Any]) -> None:
+        """A worker published on a busd channel (a Bank that is a broker)."""
+        channel = frame.get("channel")
+        if not isinstance(channel, str) or not channel:
+            log.warning("%s: publish without a channel name ignored", instance)
+            return
+        try:
+            self.daemon.route(channel, frame.get("message"))
+        except ProtocolError as error:
+            log.error("%s: its publish on %r was refused: %s", instance, channel, error)
+
+    def publish_dead(self, broker: Broker, delivery: Delivery, error: str) -> None:
+        """Send a message that failed too often to the ``dead`` channel."""
+        letter = {
+            "broker": broker.name,
+            "id": delivery.id,
+            "channel": delivery.channel,
+            "message": delivery.message,
+            "attempts": delivery.attempts,
+            "errors": delivery.errors,
+        }
+        try:
+            self.daemon.route(DEAD_CHANNEL, letter)
+        except ProtocolError as refusal:
+            log.error(
+                "Dead letter %d could not be queued (%s); it stays in this log: %r",
+                delivery.id,
+                refusal.message,
+                letter,
+            )
+
+    # -- how workers are run --------------------------------------------------------
+
+    def broker_cwd(self, config: BrokerConfig) -> str:
+        """The broker's working directory; relative to the config file's."""
+        base = os.path.dirname(self.daemon.config_path or "") or os.getcwd()
+        return os.path.normpath(os.path.join(base, config.cwd)) if config.cwd else base
+
+    def process_owner(self, config: BrokerConfig) -> dict[str, Any]:
+        """``user``/``group`` arguments for the worker's process, if any."""
+        if config.user == "" or os.geteuid() != 0:
+            return {}
+        entry = (
+            pwd.getpwuid(config.user)
+            if isinstance(config.user, int)
+            else pwd.getpwnam(config.user)
+        )
+        groups = [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem]
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
+
+    # -- reporting ------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Every broker's row for ``busctl state``."""
+        return {name: broker.describe() for name, broker in self.brokers.items()}
+
+    def describe_instance(self, instance: Instance) -> dict[str, Any]:
+        """One instance's figures: state, PID, uptime, psutil usage, counters."""
+        row: dict[str, Any] = {
+            "index": instance.index,
+            "state": instance.state.name,
+            "pid": instance.pid,
+            "uptime": time.time() - instance.started_at
+            if instance.pid and instance.started_at
+            else 0.0,
+            "restarts": instance.restarts,
+            "inflight": len(instance.inflight),
+            "acked": instance.acked,
+            "nacked": instance.nacked,
+            "last_exit": instance.last_exit,
+        }
+        if instance.pid:
+            process = self._ps.get(instance.pid)
+            try:
+                if process is None:
+                    process = self._ps[instance.pid] = psutil.Process(instance.pid)
+                with process.oneshot():
+                    row["cpu_percent"] = process.cpu_percent(None)
+                    row["rss"] = process.memory_info().rss
+                    row["fds"] = process.num_fds()
+            except psutil.Error:
+                self._ps.pop(instance.pid, None)
+        return row
+
+
+def end_orphans(mark: str, identity: str) -> list[int]:
+    """Kill workers that an earlier busd with this identity left running."""
+    me = os.getpid()
+    found = []
+    for process in psutil.process_iter(["pid", "ppid"]):
+        if process.pid == me or process.info["ppid"] == me:
+            continue
+        try:
+            environment = process.environ()
+        except (psutil.Error, OSError):
+            continue
+        if environment.get(mark) != identity:
+            continue
+        log.warning(
+            "Ending worker PID %d of broker %s left by an earlier busd",
+            process.pid,
+            environment.get("BUSD_BROKER", "?"),
+        )
+        found.append(process)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(found, timeout=5)
+    return [p.pid for p in found]
+
+
+def _same_but_instances(old: BrokerConfig, new: BrokerConfig) -> bool:
+    import dataclasses
+
+    return dataclasses.replace(old, instances=new.instances) == new

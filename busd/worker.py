@@ -1,0 +1,239 @@
+"""The worker side of a broker: one process, its own bus, frames on stdio.
+
+busd starts every broker instance as ``python -m busd.worker``:
+
+- ``--handler module:Class`` runs a Python broker here: ``Class(bus)`` is
+  built on this process's own :class:`WorkerBus` (a ``busd.Bus``), its
+  ``subscribe()`` is called if it has one (a ``SimplePlugin``), the bus is
+  started, and every message busd delivers on channel C becomes
+  ``bus.publish(C, message)``. Listeners that return are an ack; a listener
+  that raises is a nack carrying the error.
+- ``--exec -- PROG ARGS`` runs a broker written in any language: the
+  parent-death signal is set, then the program replaces this process and
+  speaks the broker protocol itself (docs/broker-protocol.md).
+
+Either way the process dies with busd (``PR_SET_PDEATHSIG``), so no worker
+outlives it. The frames travel on stdin (busd -> worker) and stdout
+(worker -> busd); stderr is the worker's log. In a Python worker, ``print``
+and anything else written to ``sys.stdout`` goes to stderr, so it cannot
+corrupt the protocol.
+
+No ``main`` ticks are published in a worker: ``main`` is an ordinary
+channel there, carrying messages. Periodic work uses the ``Monitor``
+plugin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import logging
+import os
+import select
+import signal
+import sys
+import threading
+import traceback
+from typing import Any, BinaryIO
+
+from busd.bus import Bus, ChannelFailures
+from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+
+# Frames from busd are at most this large (busd's own max_frame applies to
+# what clients publish; a worker gets those messages and a small envelope).
+MAX_FRAME = 64 << 20
+
+PR_SET_PDEATHSIG = 1
+PARENT_PID_VARIABLE = "BUSD_PID"
+
+
+class WorkerBus(Bus):
+    """The bus of a worker process, with a way to publish back to busd."""
+
+    def __init__(self, uplink: Uplink | None = None) -> None:
+        super().__init__()
+        self.uplink = uplink
+
+    def publish_upstream(self, channel: str, message: Any) -> None:
+        """Publish ``message`` on busd's ``channel`` (to every broker on it)."""
+        if self.uplink is None:
+            raise RuntimeError("this bus is not connected to busd")
+        self.uplink.send({"type": "publish", "channel": channel, "message": message})
+
+
+class Uplink:
+    """Frames to busd on the worker's protocol stream; safe from any thread."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Write one frame and flush it."""
+        data = encode_frame(frame)
+        with self._lock:
+            self._stream.write(data)
+            self._stream.flush()
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line; a traceback becomes "exception (at file:line)"."""
+    lines = message.rstrip().splitlines()
+    if len(lines) <= 1:
+        return message.rstrip()
+    head, exception = lines[0], lines[-1].strip()
+    frames = [line.strip() for line in lines if line.strip().startswith('File "')]
+    where = ""
+    if frames:
+        # 'File "/path/x.py", line 86, in parse_order'
+        path, _, rest = frames[-1][len('File "') :].partition('", line ')
+        number, _, function = rest.partition(", in ")
+        where = f" (at {os.path.basename(path)}:{number} in {function})"
+    if "Traceback (most recent call last):" not in lines:
+        return " | ".join(line.strip() for line in lines)
+    return f"{head}: {exception}{where}"
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``signum`` to this process when busd dies.
+
+    If busd died before this call, the signal will never come: exit now.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    expected = os.environ.get(PARENT_PID_VARIABLE)
+    if expected and os.getppid() != int(expected):
+        os._exit(1)
+
+
+def load_handler(spec: str) -> type:
+    """Import ``module:Class``; raise ValueError saying what is wrong."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"handler {spec!r} is not of the form 'module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"cannot import handler module {module_name!r}: {error}"
+        ) from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no {attribute!r}") from None
+
+
+class Worker:
+    """Runs a Python broker class and serves busd's deliveries to it."""
+
+    def __init__(self, handler: str, broker: str, instance: int) -> None:
+        self.broker = broker
+        self.instance = instance
+        # The protocol keeps the real stdout; print() goes to the log.
+        self._protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self.uplink = Uplink(self._protocol_out)
+        self.bus = WorkerBus(self.uplink)
+        self.bus.subscribe("log", self._log)
+        self.handler = load_handler(handler)(self.bus)
+        if hasattr(self.handler, "subscribe"):
+            self.handler.subscribe()
+        self._wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(wakeup_write, False)
+        signal.set_wakeup_fd(wakeup_write)
+        # The handlers only record; the loop below notices through the
+        # wake-up pipe and exits the bus on the main thread.
+        self._signalled: list[int] = []
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, lambda number, frame: self._signalled.append(number))
+
+    def _log(self, message: str, level: int = logging.INFO) -> None:
+        # One line per event on stderr, which busd files under this broker:
+        # "ERROR: text" sets the level there; a traceback is cut down to the
+        # exception and where it was raised.
+        prefix = "" if level == logging.INFO else f"{logging.getLevelName(level)}: "
+        sys.stderr.write(f"{prefix}{one_line(message)}\n")
+        sys.stderr.flush()
+
+    def run(self) -> int:
+        """Start the bus, report ready, serve deliveries until told to stop."""
+        self.bus.start()
+        self.uplink.send({"type": "ready", "pid": os.getpid()})
+        decoder = FrameDecoder(MAX_FRAME)
+        stdin = sys.stdin.buffer.fileno()
+        try:
+            while not self._signalled:
+                readable, _, _ = select.select([stdin, self._wakeup_read], [], [])
+                if self._wakeup_read in readable:
+                    os.read(self._wakeup_read, 512)
+                    continue
+                data = os.read(stdin, 1 << 16)
+                if not data:
+                    break  # busd closed our stdin: it is gone or done with us
+                for frame in decoder.feed(data):
+                    if isinstance(frame, ProtocolError) or not self._handle(frame):
+                        return self._finish()
+        except ProtocolError as error:
+            self._log(f"broken frame from busd: {error.message}", logging.ERROR)
+        return self._finish()
+
+    def _handle(self, frame: dict[str, Any]) -> bool:
+        """Act on one frame from busd; False when it asks us to stop."""
+        kind = frame.get("type")
+        if kind == "stop":
+            return False
+        if kind != "deliver":
+            self._log(f"ignoring a frame of unknown type {kind!r}", logging.WARNING)
+            return True
+        try:
+            self.bus.publish(frame["channel"], frame["message"])
+        except ChannelFailures as failures:
+            errors = "; ".join(
+                "".join(traceback.format_exception_only(e)).strip()
+                for e in failures.get_instances()
+            )
+            self.uplink.send({"type": "nack", "id": frame["id"], "error": errors})
+        else:
+            self.uplink.send({"type": "ack", "id": frame["id"]})
+        return True
+
+    def _finish(self) -> int:
+        self.bus.exit()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m busd.worker``."""
+    parser = argparse.ArgumentParser(prog="python -m busd.worker")
+    parser.add_argument("--broker", default="broker")
+    parser.add_argument("--instance", type=int, default=0)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--handler", metavar="MODULE:CLASS")
+    mode.add_argument("--exec", dest="command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    set_parent_death_signal()
+    if args.command is not None:
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            parser.error("--exec needs a program")
+        try:
+            os.execvp(command[0], command)
+        except OSError as error:
+            print(
+                f"error: cannot run {command[0]!r}: {error.strerror}", file=sys.stderr
+            )
+            return 127
+    try:
+        worker = Worker(args.handler, args.broker, args.instance)
+    except Exception as error:
+        print(f"error: cannot start handler {args.handler!r}: {error}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
