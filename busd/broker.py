@@ -123,7 +123,7 @@ class Broker:
     def acked(self, delivery: Delivery) -> None:
         """An instance acknowledged ``delivery``."""
         self.acked_count += 1
-        delivery.settle("acked")
+        self.supervisor.settled(self, delivery, "acked")
         self.dispatch()
 
     def nacked(self, instance: Instance, delivery: Delivery, error: str) -> None:
@@ -156,7 +156,7 @@ class Broker:
             DEAD_CHANNEL,
             error,
         )
-        delivery.settle("dead")
+        self.supervisor.settled(self, delivery, "dead")
         if delivery.channel != DEAD_CHANNEL:  # a dead letter that dies stays dead
             self.supervisor.publish_dead(self, delivery, error)
 

@@ -103,6 +103,8 @@ class DaemonConfig:
     frame_timeout: float = 10.0
     max_output: int = 8388608
     strict_channels: bool = False
+    spool: str = ""
+    spool_fsync: str = "always"
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,10 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         frame_timeout=t.get("frame_timeout", d.frame_timeout, _seconds),
         max_output=t.get("max_output", d.max_output, _integer(65536)),
         strict_channels=t.get("strict_channels", d.strict_channels, _boolean),
+        spool=t.get("spool", d.spool, _optional_absolute_path),
+        spool_fsync=t.get(
+            "spool_fsync", d.spool_fsync, _choice(("always", "interval", "never"))
+        ),
     )
     t.reject_unknown()
     return config
@@ -470,6 +476,15 @@ def _absolute_path(max_bytes: int | None = None) -> Callable[[Any], str]:
         return value
 
     return check
+
+
+def _optional_absolute_path(value: Any) -> str:
+    if value == "":
+        return value
+    try:
+        return _absolute_path()(value)
+    except _Invalid:
+        raise _Invalid('an absolute path, or "" for none', value) from None
 
 
 def _principal(kind: str, empty: str | None = None) -> Callable[[Any], Principal]:

@@ -180,6 +180,10 @@ class Daemon:
             os.getpid(),
         )
 
+    def continue_message_ids_after(self, last_id: int) -> None:
+        """Number new messages after ``last_id`` (the spool's last one)."""
+        self._message_ids = itertools.count(last_id + 1)
+
     def request_main_thread(self, action: str, reason: str) -> None:
         """Ask the main thread to ``exit`` or ``graceful`` at its next tick."""
         self._requests.put((action, reason))

@@ -32,6 +32,7 @@ from busd.config import BrokerConfig, Config
 from busd.instance import Delivery, Instance, InstanceState
 from busd.plugins.base import SimplePlugin
 from busd.protocol import ErrorCode, ProtocolError
+from busd.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
     from busd.daemon import Daemon
@@ -69,12 +70,18 @@ class Supervisor(SimplePlugin):
         self._changed: asyncio.Condition | None = None
         self._ps: dict[int, psutil.Process] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.spool: Spool | None = None
 
     # -- bus listeners (main thread) ---------------------------------------------
 
     def start(self) -> None:
-        """End orphans, start every broker, wait for them (or their failure)."""
+        """End orphans, open the spool, start every broker, wait for them."""
         end_orphans(self.ORPHAN_MARK, self.identity)
+        settings = self.daemon.config.busd
+        if settings.spool:
+            # Opened here, after the PID file is ours: no other busd reads it.
+            self.spool = Spool(settings.spool, settings.spool_fsync)
+            self.daemon.continue_message_ids_after(self.spool.last_id)
         self._run(self._start(self.daemon.config))
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
@@ -83,6 +90,9 @@ class Supervisor(SimplePlugin):
         """Stop every broker's instances: ask, SIGTERM, SIGKILL."""
         if self.brokers:
             self._run(self._stop_all())
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
     stop.priority = STOP_PRIORITY  # type: ignore[attr-defined]
 
@@ -108,6 +118,7 @@ class Supervisor(SimplePlugin):
         for broker_config in config.brokers.values():
             self._add(broker_config)
         self._route()
+        self._requeue_spooled()
         await asyncio.gather(
             *(b.scale(b.config.instances) for b in self.brokers.values())
         )
@@ -149,6 +160,25 @@ class Supervisor(SimplePlugin):
                     await broker.restart()
         self._route()
         await self.wait_settled(self.all_instances())
+
+    def _requeue_spooled(self) -> None:
+        """Queue again what the spool holds from before busd (re)started."""
+        if self.spool is None:
+            return
+        for entry in sorted(self.spool.pending.values(), key=lambda e: e.id):
+            for name in sorted(entry.brokers):
+                broker = self.brokers.get(name)
+                if broker is None:
+                    log.error(
+                        "Spooled message %d is for broker %s, which is no longer "
+                        "configured; it stays in the spool",
+                        entry.id,
+                        name,
+                    )
+                    continue
+                broker.queue.append(
+                    Delivery(entry.id, entry.channel, entry.message, redelivered=True)
+                )
 
     def _add(self, config: BrokerConfig) -> Broker:
         broker = Broker(self, config)
@@ -252,6 +282,15 @@ class Supervisor(SimplePlugin):
                     f"broker {broker.name!r} has {len(broker.queue)} messages queued "
                     f"(queue_size {broker.config.queue_size}); try again later",
                 )
+        if self.spool is not None and brokers:
+            try:
+                self.spool.accept(
+                    message_id, channel, message, [b.name for b in brokers]
+                )
+            except SpoolError as error:
+                raise ProtocolError(
+                    ErrorCode.BUSY, f"{error}; the message was not accepted"
+                ) from None
         future: asyncio.Future[dict[str, int]] | None = None
         on_settled = None
         if wait and brokers:
@@ -266,6 +305,12 @@ class Supervisor(SimplePlugin):
         for broker in brokers:
             broker.accept(Delivery(message_id, channel, message, on_settled=on_settled))
         return len(brokers), future
+
+    def settled(self, broker: Broker, delivery: Delivery, outcome: str) -> None:
+        """``broker`` is done with ``delivery`` ("acked" or "dead")."""
+        if self.spool is not None:
+            self.spool.settle(delivery.id, broker.name)
+        delivery.settle(outcome)
 
     def publish_from_worker(self, instance: Instance, frame: dict[str, Any]) -> None:
         """A worker published on a busd channel (a Bank that is a broker)."""

@@ -1,0 +1,234 @@
+"""The spool: accepted messages on disk until every broker has settled them.
+
+With ``[busd] spool`` set, busd appends a record for each accepted message
+*before* ``publish`` answers, and a record each time a broker settles one
+(acked, or given up on and sent to ``dead``). A busd killed with -9 finds
+at its next start every message some broker had not settled, and delivers
+it again (flagged ``redelivered``: it may have been handled once already).
+
+The file is a sequence of frames in the wire format (4-byte length, then a
+msgpack map)::
+
+    {"a": id, "c": channel, "m": message, "b": [broker, ...]}   accepted
+    {"s": id, "b": broker}                                       settled
+    {"last": id}           the highest id so far (first record after a rewrite)
+
+A torn last frame (busd died mid-write) is ignored. When the file holds
+mostly settled records it is rewritten with the live ones only (a new
+file, fsynced, renamed over the old: a crash leaves one or the other).
+
+``fsync`` decides what a crash of the *machine* may lose: ``always``
+fsyncs every write (nothing), ``interval`` at most every
+``FSYNC_INTERVAL`` seconds (the last moments), ``never`` leaves it to the
+kernel. A busd crash alone loses nothing in any mode: the data is in the
+page cache once ``write`` returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+
+log = logging.getLogger("busd")
+
+SPOOL_FILE = "busd.spool"
+FSYNC_MODES = ("always", "interval", "never")
+FSYNC_INTERVAL = 0.05
+# Rewrite the file once it is this large and mostly settled records.
+COMPACT_BYTES = 4 << 20
+
+
+class SpoolError(OSError):
+    """The spool could not record a message (e.g. the disk is full)."""
+
+
+@dataclass
+class Pending:
+    """A spooled message that some brokers have not settled yet."""
+
+    id: int
+    channel: str
+    message: Any
+    brokers: set[str] = field(default_factory=set)
+
+
+class Spool:
+    """An append-only record of accepted and settled messages."""
+
+    def __init__(self, directory: str, fsync: str = "always") -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"spool fsync must be one of {FSYNC_MODES}, got {fsync!r}")
+        self.directory = directory
+        self.path = os.path.join(directory, SPOOL_FILE)
+        self.fsync = fsync
+        self.pending: dict[int, Pending] = {}
+        self.last_id = 0
+        self._settled_records = 0
+        self._last_sync = 0.0
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        self._load()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    # -- reading at start -------------------------------------------------------
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return
+        decoder = FrameDecoder(max_frame=1 << 31)
+        try:
+            records = decoder.feed(data)
+        except ProtocolError as error:
+            raise SpoolError(
+                f"{self.path}: unreadable spool: {error.message}"
+            ) from None
+        if decoder.pending:
+            log.warning(
+                "Spool %s ends with a torn record (%d bytes; busd died while "
+                "writing it): ignored",
+                self.path,
+                decoder.pending,
+            )
+        for record in records:
+            if isinstance(record, ProtocolError):
+                log.warning(
+                    "Spool %s: unreadable record skipped: %s", self.path, record
+                )
+            elif "last" in record:
+                self.last_id = max(self.last_id, record["last"])
+            elif isinstance(record, ProtocolError):
+                log.warning(
+                    "Spool %s: unreadable record skipped: %s", self.path, record
+                )
+            elif "a" in record:
+                self.pending[record["a"]] = Pending(
+                    record["a"], record["c"], record["m"], set(record["b"])
+                )
+                self.last_id = max(self.last_id, record["a"])
+            elif "s" in record:
+                entry = self.pending.get(record["s"])
+                if entry is not None:
+                    entry.brokers.discard(record["b"])
+                    if not entry.brokers:
+                        del self.pending[record["s"]]
+                self._settled_records += 1
+        if self.pending:
+            log.info(
+                "Spool %s: %d messages to deliver again", self.path, len(self.pending)
+            )
+        # Start from a compact file: only what is still pending.
+        self._compact()
+
+    # -- writing -------------------------------------------------------------------
+
+    def accept(
+        self, message_id: int, channel: str, message: Any, brokers: list[str]
+    ) -> None:
+        """Record an accepted message; raise SpoolError if it can't be."""
+        self._append(
+            encode_frame({"a": message_id, "c": channel, "m": message, "b": brokers})
+        )
+        self.pending[message_id] = Pending(message_id, channel, message, set(brokers))
+        self.last_id = max(self.last_id, message_id)
+
+    def settle(self, message_id: int, broker: str) -> None:
+        """Record that ``broker`` is done with a message (acked or dead)."""
+        entry = self.pending.get(message_id)
+        if entry is None or broker not in entry.brokers:
+            return
+        try:
+            self._append(encode_frame({"s": message_id, "b": broker}))
+        except SpoolError as error:
+            # Not fatal: the message will only be delivered once more.
+            log.error(
+                "Spool: cannot record that message %d is done: %s", message_id, error
+            )
+            return
+        entry.brokers.discard(broker)
+        if not entry.brokers:
+            del self.pending[message_id]
+        self._settled_records += 1
+        if (
+            self._settled_records > 2 * len(self.pending)
+            and os.fstat(self._fd).st_size > COMPACT_BYTES
+        ):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the file if the disk lets us; otherwise keep appending."""
+        try:
+            self._rewrite()
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + ".new")
+            log.warning(
+                "Spool %s: cannot compact it (%s); keeping it as it is",
+                self.path,
+                error.strerror or error,
+            )
+
+    def _append(self, data: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self.fsync == "always" or (
+                self.fsync == "interval"
+                and time.monotonic() - self._last_sync > FSYNC_INTERVAL
+            ):
+                os.fsync(self._fd)
+                self._last_sync = time.monotonic()
+        except OSError as error:
+            # A record cut short would garble every record after it: take
+            # the partial bytes back out.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise SpoolError(
+                f"cannot write the spool {self.path}: {error.strerror or error}"
+            ) from None
+
+    def _rewrite(self) -> None:
+        """Replace the file with one holding the pending messages only."""
+        temporary = self.path + ".new"
+        with open(temporary, "wb") as file:
+            # Settled records go, but message ids must not start over.
+            file.write(encode_frame({"last": self.last_id}))
+            for entry in self.pending.values():
+                file.write(
+                    encode_frame(
+                        {
+                            "a": entry.id,
+                            "c": entry.channel,
+                            "m": entry.message,
+                            "b": sorted(entry.brokers),
+                        }
+                    )
+                )
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._settled_records = 0
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o640)
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None

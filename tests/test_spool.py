@@ -1,0 +1,169 @@
+"""The spool: accepted messages survive kill -9 of busd."""
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+from busctl.client import BusError
+from busd.spool import SPOOL_FILE, Spool, SpoolError
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_pending_messages_survive_reopening(tmp_path):
+    spool = Spool(str(tmp_path), fsync="always")
+    spool.accept(1, "main", "BUY ABCD 10", ["orders", "audit"])
+    spool.accept(2, "main", {"structured": True}, ["orders"])
+    spool.settle(1, "orders")
+    spool.settle(2, "orders")
+    spool.close()
+    again = Spool(str(tmp_path))
+    assert list(again.pending) == [1]
+    assert again.pending[1].brokers == {"audit"}
+    assert again.pending[1].message == "BUY ABCD 10"
+    assert again.last_id == 2
+    again.close()
+    # Reopened again (after the rewrite dropped message 2's records), new
+    # ids still start after 2.
+    assert Spool(str(tmp_path)).last_id == 2
+
+
+def test_a_torn_last_record_is_ignored(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.close()
+    with open(tmp_path / SPOOL_FILE, "ab") as file:
+        file.write(struct.pack(">I", 100) + b"\x85half")  # busd died mid-write
+    again = Spool(str(tmp_path))
+    assert [p.message for p in again.pending.values()] == ["kept"]
+    again.close()
+
+
+def test_reopening_compacts_settled_records_away(tmp_path):
+    spool = Spool(str(tmp_path), fsync="never")
+    for i in range(1, 1001):
+        spool.accept(i, "main", "x" * 100, ["orders"])
+        if i != 500:
+            spool.settle(i, "orders")
+    spool.close()
+    size_before = (tmp_path / SPOOL_FILE).stat().st_size
+    again = Spool(str(tmp_path))
+    assert list(again.pending) == [500]
+    assert (tmp_path / SPOOL_FILE).stat().st_size < size_before / 100
+    again.close()
+
+
+def test_a_full_disk_refuses_instead_of_accepting(tmp_path):
+    spool = Spool(str(tmp_path))
+    # /dev/full answers every write with ENOSPC, like a full file system.
+    os.close(spool._fd)
+    spool._fd = os.open("/dev/full", os.O_WRONLY)
+    with pytest.raises(SpoolError) as info:
+        spool.accept(1, "main", "lost?", ["orders"])
+    assert os.strerror(errno.ENOSPC) in str(info.value)
+    assert spool.pending == {}
+
+
+def broker_config(tmp_path, handler, record):
+    return f"""
+[busd]
+spool = "{tmp_path / "spool"}"
+
+[brokers.orders]
+handler = "spool_brokers:{handler}"
+cwd = "{TESTS}"
+channels = ["main"]
+restart = "never"
+env = {{ RECORD = "{record}" }}
+"""
+
+
+def test_kill_9_of_busd_loses_no_accepted_message(start_busd, tmp_path):
+    record = tmp_path / "record.jsonl"
+    first = start_busd(broker_config(tmp_path, "Broken", record))
+    messages = [f"BUY CODE {i}" for i in range(200)]
+    with first.client() as client:
+        results = client.publish_many("main", messages)
+        assert all(r["brokers"] == 1 for r in results)
+        assert client.state()["brokers"]["orders"]["queued"] == 200
+    os.kill(first.pid, signal.SIGKILL)
+    first.process.wait(10)
+
+    # The same spool, now with a broker that works.
+    second = start_busd(broker_config(tmp_path, "Recorder", record))
+    wait_for(
+        lambda: record.exists() and len(record.read_text().splitlines()) >= 200,
+        timeout=30,
+        what="the spooled messages to be delivered after the restart",
+    )
+    got = [json.loads(line) for line in record.read_text().splitlines()]
+    assert sorted(got) == sorted(messages)
+    with second.client() as client:
+        wait_for(lambda: client.state()["brokers"]["orders"]["acked"] == 200)
+        new = client.publish("main", "after the restart")
+    assert new["id"] > max(r["id"] for r in results)  # ids continue
+    assert second.stop() == 0
+    assert "200 messages to deliver again" in second.log_text()
+
+
+def test_settled_messages_are_not_delivered_again(start_busd, tmp_path):
+    record = tmp_path / "record.jsonl"
+    config = broker_config(tmp_path, "Recorder", record)
+    first = start_busd(config)
+    with first.client() as client:
+        for i in range(20):
+            client.call("publish", channel="main", message=f"m{i}", wait=True)
+    os.kill(first.pid, signal.SIGKILL)
+    first.process.wait(10)
+    second = start_busd(config)
+    with second.client() as client:
+        assert client.state()["brokers"]["orders"]["accepted"] == 0
+    assert len(record.read_text().splitlines()) == 20
+    assert second.stop() == 0
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs, so that the spool really runs out of space."""
+    mount_point = tmp_path / "spool"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_spool_disk_makes_publish_busy(start_busd, tmp_path, tiny_filesystem):
+    daemon = start_busd(broker_config(tmp_path, "Broken", tmp_path / "r"))
+    accepted = 0
+    with daemon.client() as client:
+        with pytest.raises(BusError) as info:
+            for _ in range(1000):
+                client.publish("main", "x" * 1000)
+                accepted += 1
+        assert info.value.code == "busy"
+        assert "No space left on device" in info.value.message
+        assert "not accepted" in info.value.message
+        assert 0 < accepted < 1000
+        state = client.state()
+        assert client.ping() == "pong"
+    # Everything that was accepted is queued; nothing else.
+    assert state["brokers"]["orders"]["accepted"] == accepted
+    assert daemon.stop() == 0
+    # And the spool holds exactly those, with no torn record in between.
+    reopened = Spool(str(tiny_filesystem))
+    assert len(reopened.pending) == accepted
+    reopened.close()
