@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+from busd.worker import ORIGINAL_PYTHONPATH
 
 if TYPE_CHECKING:
     from busd.broker import Broker
@@ -161,12 +162,16 @@ class Instance:
             supervisor.ORPHAN_MARK: supervisor.identity,
         }
         cwd = supervisor.broker_cwd(config)
-        if config.handler:
-            # The handler's module is imported relative to the broker's cwd,
-            # like a script's; busd's own package must stay importable too.
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (cwd, supervisor.package_root, env.get("PYTHONPATH")) if p
-            )
+        # busd's own package must be importable by the worker wrapper; a
+        # handler's module is imported relative to the broker's cwd, like a
+        # script's. A command broker gets its own PYTHONPATH back before exec.
+        own = env.get("PYTHONPATH", "")
+        first = (cwd,) if config.handler else ()
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (*first, supervisor.package_root, own) if p
+        )
+        if not config.handler:
+            env[ORIGINAL_PYTHONPATH] = own
         self.started_at = time.time()
         self.ready_at = None
         try:
@@ -241,11 +246,7 @@ class Instance:
         assert process.stderr is not None
         pid = process.pid
         while True:
-            try:
-                raw = await process.stderr.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                # A line longer than MAX_LOG_LINE: keep its start, drop the rest.
-                raw = await process.stderr.read(MAX_LOG_LINE) + b" [line truncated]"
+            raw = await read_log_line(process.stderr)
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
@@ -272,10 +273,11 @@ class Instance:
             self.last_exit,
             " before it was ready" if self.ready_at is None else "",
         )
-        self._requeue_inflight()
         self.pid = None
-        clean = status == 0
-        self._after_exit(fast=fast, clean=clean)
+        self._after_exit(fast=fast, clean=status == 0)
+        # Only now, out of RUNNING: requeueing dispatches, and this instance
+        # must not be handed messages for a process that is gone.
+        self._requeue_inflight()
 
     def _after_exit(self, fast: bool, clean: bool = False) -> None:
         """Apply the restart policy after an unexpected exit."""
@@ -395,6 +397,31 @@ class Instance:
     def reset(self) -> None:
         """Forget past fast failures (``busctl start`` after FATAL)."""
         self.fast_failures = 0
+
+
+async def read_log_line(stream: asyncio.StreamReader) -> bytes:
+    """The next line of ``stream`` (b"" at its end), cut to ``MAX_LOG_LINE``.
+
+    A longer line keeps its start, marked ``[line truncated]``; the rest of
+    it is read and dropped. (``readline()`` would drop the start instead, and
+    the rest would come out as pieces of the line's middle.)
+    """
+    try:
+        return await stream.readuntil(b"\n")
+    except asyncio.IncompleteReadError as error:
+        return error.partial  # the last line had no newline
+    except asyncio.LimitOverrunError:
+        pass  # the buffer holds more than MAX_LOG_LINE bytes of this line
+    head = await stream.read(MAX_LOG_LINE)
+    while True:
+        try:
+            await stream.readuntil(b"\n")
+            break
+        except asyncio.IncompleteReadError:
+            break
+        except asyncio.LimitOverrunError as error:
+            await stream.read(error.consumed)  # no newline in them
+    return head + b" [line truncated]"
 
 
 def describe_status(status: int) -> str:

@@ -7,7 +7,11 @@ busd starts every broker instance as ``python -m busd.worker``:
   ``subscribe()`` is called if it has one (a ``SimplePlugin``), the bus is
   started, and every message busd delivers on channel C becomes
   ``bus.publish(C, message)``. Listeners that return are an ack; a listener
-  that raises is a nack carrying the error.
+  that raises is a nack carrying the error. While the listeners run,
+  ``bus.delivery`` is busd's whole ``deliver`` frame (``id``, ``channel``,
+  ``message``, ``attempt``, and ``redelivered``: true when an instance
+  that had it died before acknowledging, so the work may have been done
+  once already); it is None between deliveries.
 - ``--exec -- PROG ARGS`` runs a broker written in any language: the
   parent-death signal is set, then the program replaces this process and
   speaks the broker protocol itself (docs/broker-protocol.md).
@@ -46,6 +50,8 @@ MAX_FRAME = 64 << 20
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_VARIABLE = "BUSD_PID"
+# The broker's own PYTHONPATH ("" for none), restored before --exec.
+ORIGINAL_PYTHONPATH = "BUSD_ORIGINAL_PYTHONPATH"
 
 
 class WorkerBus(Bus):
@@ -54,6 +60,8 @@ class WorkerBus(Bus):
     def __init__(self, uplink: Uplink | None = None) -> None:
         super().__init__()
         self.uplink = uplink
+        #: The ``deliver`` frame being handled, or None (module docstring).
+        self.delivery: dict[str, Any] | None = None
 
     def publish_upstream(self, channel: str, message: Any) -> None:
         """Publish ``message`` on busd's ``channel`` (to every broker on it)."""
@@ -188,6 +196,7 @@ class Worker:
         if kind != "deliver":
             self._log(f"ignoring a frame of unknown type {kind!r}", logging.WARNING)
             return True
+        self.bus.delivery = frame
         try:
             self.bus.publish(frame["channel"], frame["message"])
         except ChannelFailures as failures:
@@ -198,6 +207,8 @@ class Worker:
             self.uplink.send({"type": "nack", "id": frame["id"], "error": errors})
         else:
             self.uplink.send({"type": "ack", "id": frame["id"]})
+        finally:
+            self.bus.delivery = None
         return True
 
     def _finish(self) -> int:
@@ -207,18 +218,34 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m busd.worker``."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Everything after --exec is the program's argv, verbatim: argparse's
+    # REMAINDER refuses a "--" there, so it is split off by hand.
+    command: list[str] | None = None
+    if "--exec" in arguments:
+        at = arguments.index("--exec")
+        arguments, command = arguments[:at], arguments[at + 1 :]
+        if command[:1] == ["--"]:
+            command = command[1:]
     parser = argparse.ArgumentParser(prog="python -m busd.worker")
     parser.add_argument("--broker", default="broker")
     parser.add_argument("--instance", type=int, default=0)
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--handler", metavar="MODULE:CLASS")
-    mode.add_argument("--exec", dest="command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    parser.add_argument("--handler", metavar="MODULE:CLASS")
+    args = parser.parse_args(arguments)
+    if (command is None) == (args.handler is None):
+        parser.error("give exactly one of --handler MODULE:CLASS, --exec -- PROG")
     set_parent_death_signal()
-    if args.command is not None:
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command is not None:
         if not command:
             parser.error("--exec needs a program")
+        # busd set PYTHONPATH so that this wrapper finds busd; the program
+        # gets the environment its broker was configured with.
+        original = os.environ.pop(ORIGINAL_PYTHONPATH, None)
+        if original is not None:
+            if original:
+                os.environ["PYTHONPATH"] = original
+            else:
+                os.environ.pop("PYTHONPATH", None)
         try:
             os.execvp(command[0], command)
         except OSError as error:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from busctl.client import Client, ClientError
@@ -41,6 +42,19 @@ def wait_for(
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+def pause(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel has really stopped it.
+
+    kill() returns before the target stops; a test that relies on "busd
+    does nothing now" must not race with its last instructions.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(
+        lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED,
+        what=f"PID {pid} to stop",
+    )
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 import msgpack
 import psutil
 import pytest
-from conftest import RawConnection, answers, wait_for
+from conftest import RawConnection, answers, pause, wait_for
 
 from busctl.client import BusError, Client
 
@@ -366,7 +366,7 @@ def test_client_refuses_a_frame_over_max_frame_before_sending(busd_daemon):
 def test_a_full_accept_queue_says_busy_and_drains(start_busd):
     daemon = start_busd(config_text="[busd]\nmax_clients = 5\n")
     queued = []
-    os.kill(daemon.pid, signal.SIGSTOP)  # busd accepts nothing meanwhile
+    pause(daemon.pid)  # busd accepts nothing meanwhile
     try:
         for _ in range(200):
             try:

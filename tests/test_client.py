@@ -6,6 +6,7 @@ import signal
 import socket
 
 import pytest
+from conftest import pause
 
 from busctl.client import (
     BusError,
@@ -109,7 +110,7 @@ def test_a_quiet_stream_raises_timeout_with_a_clear_message(busd_daemon):
 
 def test_a_daemon_that_does_not_answer_raises_timeout(busd_daemon):
     with busd_daemon.client(timeout=0.3) as client:
-        os.kill(busd_daemon.pid, signal.SIGSTOP)
+        pause(busd_daemon.pid)
         try:
             with pytest.raises(Timeout) as info:
                 client.ping()
