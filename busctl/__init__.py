@@ -3,12 +3,10 @@
 ``from busctl import Client`` gives the client (see docs/client.md).
 """
 
-from typing import Any
-
 __all__ = ["BusError", "Client", "ClientError", "DaemonUnavailable", "Timeout"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # Lazy, so that ``busctl --help`` does not load msgpack and sockets.
     if name in __all__:
         from busctl import client

@@ -33,9 +33,12 @@ examples:
   busctl state
   busctl publish main "BUY ABCD 10"
   busctl publish --json-message orders '{{"code": "ABCD", "n": 10}}'
+  busctl publish --wait main "BUY ABCD 10"
   printf 'BUY ABCD 10\\nSELL EFGH 5\\n' | busctl publish main -
   busctl subscribe main
   busctl logs -f
+  busctl restart orders:1
+  busctl scale orders 4
 
 The socket is --socket, else $BUSD_SOCKET, else /run/busd/busd.sock.
 {EXIT_STATUS}
@@ -49,10 +52,20 @@ EXAMPLES = {
         'busctl publish main "BUY ABCD 10"',
         'busctl publish --json-message orders \'{"code": "ABCD", "n": 10}\'',
         "printf 'BUY ABCD 10\\nSELL EFGH 5\\n' | busctl publish main -",
+        'busctl publish --wait main "BUY ABCD 10"',
+        'busctl --timeout 60 publish --wait main "BUY ABCD 10"',
     ],
     "subscribe": ["busctl subscribe main", "busctl --json subscribe main audit"],
     "events": ["busctl events"],
     "logs": ["busctl logs -n 20", "busctl logs -f"],
+    "start": ["busctl start orders", "busctl start orders:1"],
+    "stop": ["busctl stop orders:1", "busctl stop orders"],
+    "restart": [
+        "busctl restart orders",
+        "busctl restart orders:0",
+        "busctl --json restart orders:0",
+    ],
+    "scale": ["busctl scale orders 4", "busctl --timeout 60 scale orders 16"],
     "reload": ["busctl reload"],
     "shutdown": ["busctl shutdown"],
 }
@@ -96,9 +109,47 @@ def _count(text: str) -> int:
     return value
 
 
+def _target(text: str) -> tuple[str, int | None]:
+    """``BROKER`` or ``BROKER:N`` as (name, index or None)."""
+    name, colon, index = text.partition(":")
+    if not name or (colon and not (index.isascii() and index.isdigit())):
+        raise argparse.ArgumentTypeError(
+            f"expected BROKER or BROKER:N (N an instance number, 0 for the "
+            f"first), got {text!r}"
+        )
+    return name, int(index) if colon else None
+
+
 def _epilog(command: str) -> str:
     lines = "\n".join(f"  {example}" for example in EXAMPLES[command])
     return f"examples:\n{lines}\n\n{EXIT_STATUS}\n"
+
+
+# start, stop, restart: (command, help, description).
+LIFECYCLE = [
+    (
+        "start",
+        "start a broker's stopped instances, or instance N",
+        "Start instance N of BROKER, or each of its instances that is not running\n"
+        "(stopped, or FATAL after too many failed starts), and wait until they\n"
+        "are RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
+    ),
+    (
+        "stop",
+        "stop a broker's instances, or instance N",
+        "Stop instance N of BROKER, or all of them: ask the worker, then SIGTERM,\n"
+        "then SIGKILL after the broker's stop_timeout. What it had not\n"
+        "acknowledged goes to the other instances. It stays stopped until\n"
+        "`busctl start` or `restart`.",
+    ),
+    (
+        "restart",
+        "restart a broker's instances one by one, or instance N",
+        "Stop and start instance N of BROKER, or each of its instances in turn\n"
+        "(the others keep taking messages), and wait until they are RUNNING or\n"
+        "have failed. Exit status 1 if one is not RUNNING then.",
+    ),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="MESSAGE (or each input line) is JSON: publish the structured value",
     )
+    publish.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until every broker on CHANNEL acked the message or sent it to "
+        "the dead channel; print the counts; exit 1 if it went dead. A slow "
+        "broker may need a longer --timeout (an option of busctl, before "
+        "the command)",
+    )
     subscribe = command(
         "subscribe", help="print messages published on channels until Ctrl-C"
     )
@@ -162,6 +221,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logs.add_argument(
         "-n", "--lines", type=_count, default=50, metavar="N", help="lines (default 50)"
+    )
+    for name, help_text, description in LIFECYCLE:
+        lifecycle = command(name, help=help_text, description=description)
+        lifecycle.add_argument(
+            "target",
+            metavar="BROKER[:N]",
+            type=_target,
+            help="a broker, or its instance N (from 0)",
+        )
+    scale = command(
+        "scale",
+        help="run N instances of a broker",
+        description="Start instances or stop the highest-numbered ones until "
+        "BROKER runs N of them\n(0 to 256), and wait until the new ones are "
+        "RUNNING or have failed.\nThe config file is unchanged: busd goes back "
+        "to its `instances` when it\nrestarts, or when a reload changes the "
+        "broker's table. Starting many\ninstances may need a longer --timeout.",
+    )
+    scale.add_argument("broker", metavar="BROKER", help="the broker's name")
+    scale.add_argument(
+        "instances", metavar="N", type=_count, help="how many instances to run"
     )
     command("reload", help="reload the configuration (like SIGHUP)")
     command("shutdown", help="stop busd")
@@ -194,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             EX_UNAVAILABLE,
         )
     except Timeout as error:
+        if getattr(args, "wait", False):  # publish --wait: not safe to resend
+            return _fail(
+                f"{error}: not every broker has settled the message yet (it may "
+                "still be delivered; raise --timeout rather than publish again)",
+                EX_TEMPFAIL,
+            )
         return _fail(f"{error}; try again or raise --timeout", EX_TEMPFAIL)
     except BusError as error:
         if error.code == "permission_denied":
@@ -247,16 +333,36 @@ def cmd_publish(client: Any, args: argparse.Namespace) -> int:
     if args.message == "-":
         parse = _json_loader() if args.json_message else str
         messages = (parse(line.rstrip("\n")) for line in sys.stdin if line.strip())
-        results = client.publish_many(args.channel, messages)
-        _print(args, results, f"published {len(results)} messages on {args.channel}")
+        results = client.publish_many(args.channel, messages, wait=args.wait)
+        text = f"published {len(results)} messages on {args.channel}"
+        dead = sum(result.get("dead", 0) for result in results)
+        if args.wait:
+            acked = sum(result.get("acked", 0) for result in results)
+            text += f": {acked} acked, {dead} dead"
+        _print(args, results, text)
+        if dead:
+            return _fail(
+                f"{sum(bool(r.get('dead')) for r in results)} of {len(results)} "
+                f"messages on {args.channel} went to the dead channel; "
+                "`busctl logs` says why",
+                EX_ERROR,
+            )
         return EX_OK
-    result = client.publish(args.channel, args.message)  # parsed by main()
-    _print(
-        args,
-        result,
+    # The message was parsed by main().
+    result = client.publish(args.channel, args.message, wait=args.wait)
+    text = (
         f"published message {result['id']} on {args.channel} "
-        f"({result['brokers']} brokers, {result['subscribers']} subscribers)",
+        f"({result['brokers']} brokers, {result['subscribers']} subscribers)"
     )
+    if args.wait:
+        text += f": {result.get('acked', 0)} acked, {result.get('dead', 0)} dead"
+    _print(args, result, text)
+    if result.get("dead"):
+        return _fail(
+            f"message {result['id']} on {args.channel} went to the dead channel at "
+            f"{result['dead']} of {result['brokers']} brokers; `busctl logs` says why",
+            EX_ERROR,
+        )
     return EX_OK
 
 
@@ -303,6 +409,41 @@ def cmd_logs(client: Any, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_lifecycle(client: Any, args: argparse.Namespace) -> int:
+    """start, stop, restart: one instance (BROKER:N) or the whole broker."""
+    name, index = args.target
+    result = getattr(client, f"broker_{args.command}")(name, index)
+    past = {"start": "started", "stop": "stopped", "restart": "restarted"}
+    return _report_pool(args, result, past[args.command], name, index)
+
+
+def cmd_scale(client: Any, args: argparse.Namespace) -> int:
+    result = client.scale(args.broker, args.instances)
+    return _report_pool(args, result, "scaled", args.broker, None)
+
+
+def _report_pool(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    done: str,
+    name: str,
+    index: int | None,
+) -> int:
+    """Print what a lifecycle op did; exit 1 if an instance did not come up."""
+    from busctl.render import not_running, render_pool_change
+
+    _print(args, result, render_pool_change(done, name, index, result))
+    if done == "stopped":
+        return EX_OK
+    failed = not_running(name, index, result)
+    if failed:
+        return _fail(
+            f"not running after {args.command}: {failed}; `busctl logs` says why",
+            EX_ERROR,
+        )
+    return EX_OK
+
+
 def cmd_reload(client: Any, args: argparse.Namespace) -> int:
     _print(args, client.reload(), "reload requested")
     return EX_OK
@@ -320,6 +461,10 @@ COMMANDS = {
     "subscribe": cmd_subscribe,
     "events": cmd_events,
     "logs": cmd_logs,
+    "start": cmd_lifecycle,
+    "stop": cmd_lifecycle,
+    "restart": cmd_lifecycle,
+    "scale": cmd_scale,
     "reload": cmd_reload,
     "shutdown": cmd_shutdown,
 }

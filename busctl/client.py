@@ -181,27 +181,69 @@ class Client:
         """The bus state, process figures and counters."""
         return self.call("state")
 
-    def publish(self, channel: str, message: Any) -> dict[str, Any]:
-        """Publish ``message`` (any msgpack value) on ``channel``."""
+    def publish(self, channel: str, message: Any, wait: bool = False) -> dict[str, Any]:
+        """Publish ``message`` (any msgpack value) on ``channel``.
+
+        With ``wait``, busd answers once every broker on the channel has
+        acknowledged the message or given up on it, and the result also
+        counts them: ``acked`` and ``dead``.
+        """
+        if wait:
+            return self.call("publish", channel=channel, message=message, wait=True)
         return self.call("publish", channel=channel, message=message)
 
     def publish_many(
-        self, channel: str, messages: Iterable[Any], window: int = 64
+        self,
+        channel: str,
+        messages: Iterable[Any],
+        window: int = 64,
+        wait: bool = False,
     ) -> list[dict[str, Any]]:
         """Publish each message, keeping up to ``window`` requests in flight.
 
         Results come back in the order of ``messages``. The first error
         raises :class:`BusError` once the messages before it are answered.
+        ``wait`` is :meth:`publish`'s, for each message.
         """
+        extra = {"wait": True} if wait else {}
         pending: collections.deque[int] = collections.deque()
         results: list[dict[str, Any]] = []
         for message in messages:
             if len(pending) >= window:
                 results.append(self.wait(pending.popleft()))
-            pending.append(self.send("publish", channel=channel, message=message))
+            pending.append(
+                self.send("publish", channel=channel, message=message, **extra)
+            )
         while pending:
             results.append(self.wait(pending.popleft()))
         return results
+
+    def broker_start(self, broker: str, instance: int | None = None) -> dict[str, Any]:
+        """Start one instance of ``broker``, or every one that is not running.
+
+        Returns the broker's description (a ``state`` row) once the
+        instances are RUNNING or have failed (FATAL).
+        """
+        return self._broker_op("broker_start", broker, instance)
+
+    def broker_stop(self, broker: str, instance: int | None = None) -> dict[str, Any]:
+        """Stop one instance of ``broker``, or all; the broker's description."""
+        return self._broker_op("broker_stop", broker, instance)
+
+    def broker_restart(
+        self, broker: str, instance: int | None = None
+    ) -> dict[str, Any]:
+        """Restart one instance, or all one after the other; the description."""
+        return self._broker_op("broker_restart", broker, instance)
+
+    def scale(self, broker: str, instances: int) -> dict[str, Any]:
+        """Run ``instances`` instances of ``broker``; the broker's description."""
+        return self.call("scale", broker=broker, instances=instances)
+
+    def _broker_op(self, op: str, broker: str, instance: int | None) -> dict[str, Any]:
+        if instance is None:
+            return self.call(op, broker=broker)
+        return self.call(op, broker=broker, instance=instance)
 
     def reload(self) -> dict[str, Any]:
         """Ask busd to reload its configuration (like SIGHUP)."""

@@ -1,4 +1,15 @@
-"""Human-readable output of busctl: the state table and log lines."""
+"""Human-readable output of busctl: the state table, broker changes, log lines.
+
+The broker part of ``busctl state`` reads like ``supervisorctl status``: a
+header line per broker with its message counters, then one row per
+instance, name and state in aligned columns, then ``label value`` pairs::
+
+    orders  channels main  queued 0/10000  accepted 2  acked 1  retried 0  ...
+      orders:0  RUNNING   pid 1234  up 5min 3s  restarts 0  cpu 0.3%  ...
+      orders:1  FATAL     last exit: exit status 3  restarts 4  inflight 0  ...
+
+Every figure is read with ``.get``: an older (or newer) busd may lack one.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +32,108 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
         f"{state.get('published', 0)}   Unrouted: {state.get('unrouted', 0)}",
     ]
     brokers = state.get("brokers") or {}
-    if not brokers:
+    if brokers:
+        lines += _brokers_lines(brokers)
+    else:
         lines.append("   Brokers: none configured")
     return "\n".join(lines)
+
+
+def _brokers_lines(brokers: dict[str, dict[str, Any]]) -> list[str]:
+    """The ``Brokers:`` summary line, then each broker's block."""
+    rows = [row for broker in brokers.values() for row in _instances(broker)]
+    running = sum(row.get("state") == "RUNNING" for row in rows)
+    lines = [
+        f"   Brokers: {len(brokers)} configured, "
+        f"{running} of {len(rows)} instances running"
+    ]
+    # Instance names line up across brokers: "orders:0", "audit:10".
+    labels = [
+        f"{n}:{r.get('index')}" for n, b in brokers.items() for r in _instances(b)
+    ]
+    width = max(map(len, labels), default=0)
+    for name, broker in brokers.items():
+        lines.append("")
+        lines += _broker_lines(name, broker, width)
+    return lines
+
+
+def _broker_lines(name: str, broker: dict[str, Any], width: int) -> list[str]:
+    """A broker's header line, then a row per instance."""
+    counters = "  ".join(
+        f"{key} {broker.get(key, 0)}"
+        for key in ("accepted", "acked", "retried", "dead", "redelivered")
+    )
+    channels = ",".join(broker.get("channels", [])) or "-"
+    queued = f"{broker.get('queued', 0)}/{broker.get('queue_size', '?')}"
+    lines = [f"{name}  channels {channels}  queued {queued}  {counters}"]
+    instances = _instances(broker)
+    if not instances:
+        lines.append("  (no instances: `busctl scale` starts some)")
+    for row in instances:
+        label = f"{name}:{row.get('index')}"
+        lines.append(f"  {label:<{width}}  {_instance_row(row)}")
+    return lines
+
+
+def _instance_row(row: dict[str, Any]) -> str:
+    """``RUNNING   pid 1234  up 5s  restarts 0  cpu 0.3%  ...  acked 120``."""
+    cells = [f"{row.get('state', '?'):<8}"]
+    if row.get("pid"):
+        cells += [f"pid {row['pid']}", f"up {_duration(row.get('uptime', 0))}"]
+    elif row.get("last_exit"):  # not running (STOPPED, BACKOFF, FATAL): why
+        cells.append(f"last exit: {row['last_exit']}")
+    cells.append(f"restarts {row.get('restarts', 0)}")
+    if "cpu_percent" in row:
+        cells.append(f"cpu {row['cpu_percent']:.1f}%")
+    if "rss" in row:
+        cells.append(f"rss {_size(row['rss'])}")
+    if "fds" in row:
+        cells.append(f"fds {row['fds']}")
+    cells += [f"inflight {row.get('inflight', 0)}", f"acked {row.get('acked', 0)}"]
+    if row.get("nacked"):
+        cells.append(f"nacked {row['nacked']}")
+    return "  ".join(cells)
+
+
+def render_pool_change(
+    done: str, name: str, index: int | None, broker: dict[str, Any]
+) -> str:
+    """One line after start/stop/restart/scale: where the instances are now.
+
+    ``restarted orders:1: RUNNING, PID 1234`` for one instance;
+    ``started orders: 2 of 2 instances running`` for the whole broker.
+    """
+    instances = _instances(broker)
+    if index is not None and index < len(instances):
+        return f"{done} {name}:{index}: {_status(instances[index])}"
+    running = sum(row.get("state") == "RUNNING" for row in instances)
+    return f"{done} {name}: {running} of {len(instances)} instances running"
+
+
+def not_running(name: str, index: int | None, broker: dict[str, Any]) -> str:
+    """The instances (of those targeted) that are not RUNNING, or ``""``.
+
+    ``orders:1 FATAL (exit status 3), orders:2 BACKOFF (killed by SIGKILL)``.
+    """
+    instances = _instances(broker)
+    if index is not None:
+        instances = instances[index : index + 1]
+    return ", ".join(
+        f"{name}:{row.get('index')} {_status(row)}"
+        for row in instances
+        if row.get("state") != "RUNNING"
+    )
+
+
+def _status(row: dict[str, Any]) -> str:
+    """``RUNNING, PID 1234`` or ``FATAL (exit status 3)``."""
+    state = row.get("state", "?")
+    if row.get("pid"):
+        return f"{state}, PID {row['pid']}"
+    if row.get("last_exit"):
+        return f"{state} ({row['last_exit']})"
+    return state
 
 
 def render_log_entry(entry: dict[str, Any]) -> str:
@@ -35,6 +145,10 @@ def render_log_entry(entry: dict[str, Any]) -> str:
     return (
         f"{stamp} {entry.get('level', 'info'):<7} {source}: {entry.get('message', '')}"
     )
+
+
+def _instances(broker: dict[str, Any]) -> list[dict[str, Any]]:
+    return broker.get("instances") or []
 
 
 def _duration(seconds: float) -> str:

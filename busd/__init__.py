@@ -4,14 +4,12 @@
 that go with it live in ``busd.plugins``.
 """
 
-from typing import Any
-
 from busd._version import __version__
 
 __all__ = ["Bus", "ChannelFailures", "__version__", "states"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # Imported on first use so that ``busctl`` (which only needs the
     # version) starts without loading the bus and its threading machinery.
     if name in ("Bus", "ChannelFailures", "states"):

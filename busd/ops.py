@@ -69,6 +69,8 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         result, acks = daemon.route(channel, args["message"], wait)
         if acks is not None:
             result.update(await acks)
+        elif wait:  # no broker on the channel: nothing to wait for
+            result.update(acked=0, dead=0)
         return result
 
     def broker_target(op: str, args: dict[str, Any]) -> tuple[Any, int | None]:
@@ -98,8 +100,15 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         async def op(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
             _only(args, action, "broker", "instance")
             broker, index = broker_target(action, args)
-            log.info("%s %s requested by %s", action, args["broker"], ctx.peer)
+            target = broker.name if index is None else f"{broker.name}:{index}"
+            log.info("%s %s requested by %s", action, target, ctx.peer)
+            targets = (
+                list(broker.instances) if index is None else [broker.instances[index]]
+            )
             await getattr(broker, action.removeprefix("broker_"))(index)
+            # Answer once the instances are RUNNING or have failed, as scale
+            # does: a start that answered at STARTING would say nothing.
+            await daemon.supervisor.wait_settled(targets)
             return broker.describe()
 
         return op

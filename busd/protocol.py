@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any
 
 import msgpack
+
+# typing costs busctl's start-up about 3 ms; annotations don't need it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
