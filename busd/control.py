@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import itertools
 import logging
 import os
@@ -99,7 +100,8 @@ class Op:
     """One control operation: its coroutine, the access it needs, and
     whether it answers with a stream of events after its result."""
 
-    handler: Callable[[Connection, dict[str, Any]], Awaitable[Any]]
+    # Returns the result, or an awaitable of it when the op must wait.
+    handler: Callable[[RequestContext, dict[str, Any]], Any]
     access: str
     stream: bool = False
 
@@ -169,8 +171,14 @@ class ControlServer(SimplePlugin):
             self._thread.join(10)
         self.loop.close()
         self.loop = None
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(self.settings.path)
+        except FileNotFoundError:
+            pass
+        except PermissionError as error:
+            # Bound as root, then privileges dropped: the directory may not
+            # let us remove it. The next busd replaces a stale socket anyway.
+            log.warning("Cannot remove %s: %s", self.settings.path, error.strerror)
         log.info("Closed %s", self.settings.path)
 
     stop.priority = CLOSE_PRIORITY
@@ -292,47 +300,73 @@ class Connection:
         self.send(error_reply(None, error.code, error.message))
 
     def _start_request(self, message: dict[str, Any]) -> None:
-        task = asyncio.create_task(self._run_request(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Run one request: answered at once, or by a task if it must wait.
 
-    async def _run_request(self, message: dict[str, Any]) -> None:
+        Most ops finish without waiting (ping, state, a publish); running
+        them inline saves a task and a loop turn per request, and keeps
+        answers in request order. An op that returns an awaitable (publish
+        --wait, broker lifecycle) is finished by a task meanwhile.
+        """
         request_id = message.get("id")
         try:
             request_id, op_name, arguments = parse_request(message)
-            op = self.server.ops.get(op_name)
-            if op is None:
-                known = ", ".join(sorted(self.server.ops))
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r} (known: {known})"
-                )
-            if not self.server.policy.allows(self.peer, op.access):
-                log.warning("Refused %r to client %s", op_name, self.peer)
-                raise ProtocolError(
-                    ErrorCode.PERMISSION_DENIED,
-                    f"uid {self.peer.uid} may not run {op_name!r} ({op.access} access)",
-                )
-            if op.stream and request_id in self.streams:
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST, f"a stream with id {request_id!r} is open"
-                )
-            result = await op.handler(RequestContext(self, request_id), arguments)
+            op = self._check(request_id, op_name)
+            result = op.handler(RequestContext(self, request_id), arguments)
+        except ProtocolError as error:
+            self.send(error_reply(_safe_id(request_id), error.code, error.message))
+            return
+        except Exception:
+            self._internal_error(request_id)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._finish(request_id, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self.send(ok_reply(request_id, result))
+
+    def _check(self, request_id: Any, op_name: str) -> Op:
+        """The op to run, if it exists and this peer may run it."""
+        op = self.server.ops.get(op_name)
+        if op is None:
+            known = ", ".join(sorted(self.server.ops))
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r} (known: {known})"
+            )
+        if not self.server.policy.allows(self.peer, op.access):
+            log.warning("Refused %r to client %s", op_name, self.peer)
+            raise ProtocolError(
+                ErrorCode.PERMISSION_DENIED,
+                f"uid {self.peer.uid} may not run {op_name!r} ({op.access} access)",
+            )
+        if op.stream and request_id in self.streams:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"a stream with id {request_id!r} is open"
+            )
+        return op
+
+    async def _finish(self, request_id: Any, pending: Awaitable[Any]) -> None:
+        try:
+            result = await pending
         except ProtocolError as error:
             self.send(error_reply(_safe_id(request_id), error.code, error.message))
         except asyncio.CancelledError:
             raise
         except Exception:
-            incident = f"{os.getpid()}-{self.number}-{_safe_id(request_id)}"
-            log.exception("Internal error %s in a request from %s", incident, self.peer)
-            self.send(
-                error_reply(
-                    _safe_id(request_id),
-                    ErrorCode.INTERNAL,
-                    f"internal error {incident}; busd's log has the details",
-                )
-            )
+            self._internal_error(request_id)
         else:
             self.send(ok_reply(request_id, result))
+
+    def _internal_error(self, request_id: Any) -> None:
+        incident = f"{os.getpid()}-{self.number}-{_safe_id(request_id)}"
+        log.exception("Internal error %s in a request from %s", incident, self.peer)
+        self.send(
+            error_reply(
+                _safe_id(request_id),
+                ErrorCode.INTERNAL,
+                f"internal error {incident}; busd's log has the details",
+            )
+        )
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue ``message`` for the client; cut off a client that never reads."""

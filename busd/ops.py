@@ -1,8 +1,10 @@
 """The control ops busd answers: what each takes, checks and returns.
 
-Each op is a coroutine ``op(ctx, args)`` run on the I/O loop; ``args`` are
-the request's keys besides ``id`` and ``op``. Arguments are checked before
-anything happens, and a wrong one is a ``bad_request`` naming it. Ops that
+Each op is a function ``op(ctx, args)`` run on the I/O loop; it returns its
+result, or a coroutine when it must wait (publish --wait, broker
+lifecycle). ``args`` are the request's keys besides ``id`` and ``op``.
+Arguments are checked before anything happens, and a wrong one is a
+``bad_request`` naming it. Ops that
 change the bus (``reload``, ``shutdown``) hand the change to the main
 thread and answer at once. The list, with examples, is docs/protocol.md.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from busd._version import __version__
@@ -30,7 +33,7 @@ MAX_LOG_LINES = 10_000
 def build_ops(daemon: Daemon) -> dict[str, Op]:
     """The op table for ``daemon``: name -> Op(handler, access, stream)."""
 
-    async def hello(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def hello(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "hello", "versions", "client")
         versions = args.get("versions", [PROTOCOL_VERSION])
         if not isinstance(versions, list) or not all(
@@ -50,15 +53,15 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             "ops": sorted(daemon.ops),
         }
 
-    async def ping(ctx: RequestContext, args: dict[str, Any]) -> str:
+    def ping(ctx: RequestContext, args: dict[str, Any]) -> str:
         _only(args, "ping")
         return "pong"
 
-    async def state(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def state(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "state")
         return daemon.describe()
 
-    async def publish(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def publish(ctx: RequestContext, args: dict[str, Any]) -> Any:
         _only(args, "publish", "channel", "message", "wait")
         channel = _channel(args.get("channel"), "publish")
         if "message" not in args:
@@ -68,9 +71,15 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             raise _bad("publish", "wait", "true or false", wait)
         result, acks = daemon.route(channel, args["message"], wait)
         if acks is not None:
-            result.update(await acks)
+            return with_acks(result, acks)
         elif wait:  # no broker on the channel: nothing to wait for
             result.update(acked=0, dead=0)
+        return result
+
+    async def with_acks(
+        result: dict[str, Any], acks: Awaitable[dict[str, int]]
+    ) -> dict[str, Any]:
+        result.update(await acks)
         return result
 
     def broker_target(op: str, args: dict[str, Any]) -> tuple[Any, int | None]:
@@ -128,7 +137,7 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         await daemon.supervisor.wait_settled(broker.instances)
         return broker.describe()
 
-    async def subscribe(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def subscribe(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "subscribe", "channels")
         channels = args.get("channels")
         if not isinstance(channels, list) or not channels:
@@ -143,7 +152,7 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         ctx.open_stream(lambda: [daemon.hub.unsubscribe(n, deliver) for n in names])
         return {"channels": names}
 
-    async def events(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def events(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "events")
 
         def forward(event: dict[str, Any]) -> None:
@@ -153,7 +162,7 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
         ctx.open_stream(lambda: daemon.hub.unfollow_events(forward))
         return {"state": daemon.bus.state.name}
 
-    async def logs(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def logs(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "logs", "lines", "follow", "source")
         lines = args.get("lines", 50)
         if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
@@ -175,7 +184,7 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             ctx.open_stream(lambda: daemon.ring.unfollow(forward))
         return {"lines": recent}
 
-    async def cancel(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def cancel(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "cancel", "stream")
         target = args.get("stream")
         if not ctx.connection.end_stream(target):
@@ -184,12 +193,12 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             )
         return {"cancelled": target}
 
-    async def reload(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def reload(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "reload")
         daemon.request_main_thread("graceful", f"requested by {ctx.peer}")
         return {"reloading": True}
 
-    async def shutdown(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    def shutdown(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "shutdown")
         daemon.request_main_thread("exit", f"requested by {ctx.peer}")
         return {"stopping": True, "pid": os.getpid(), "at": time.time()}
