@@ -160,9 +160,17 @@ class Broker:
         if delivery.channel != DEAD_CHANNEL:  # a dead letter that dies stays dead
             self.supervisor.publish_dead(self, delivery, error)
 
-    def requeue(self, deliveries: list[Delivery]) -> None:
-        """Put the messages of a dead or stopped instance back, first in line."""
+    def requeue(self, instance: Instance, deliveries: list[Delivery]) -> None:
+        """Put the messages of a dead or stopped instance back, first in line.
+
+        A message that made workers hang past ``ack_timeout`` more than
+        ``max_retries`` times is a poison message: it goes to ``dead``
+        instead of hanging the next worker too.
+        """
         for delivery in reversed(deliveries):
+            if delivery.timeouts > self.config.max_retries:
+                self._bury(instance, delivery, delivery.errors[-1])
+                continue
             delivery.redelivered = True
             self.redelivered += 1
             self.queue.appendleft(delivery)

@@ -142,6 +142,7 @@ class BrokerConfig:
     max_inflight: int = 64
     queue_size: int = 10000
     max_retries: int = 3
+    ack_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -334,6 +335,7 @@ def _parse_broker(name: str, t: _Table) -> BrokerConfig:
         max_inflight=t.get("max_inflight", d.max_inflight, _integer(1)),
         queue_size=t.get("queue_size", d.queue_size, _integer(1)),
         max_retries=t.get("max_retries", d.max_retries, _integer(0)),
+        ack_timeout=t.get("ack_timeout", d.ack_timeout, _seconds_or_zero),
     )
     present = [key for key in ("handler", "command") if key in t.data]
     if len(present) != 1:
@@ -421,6 +423,15 @@ def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise _Invalid("true or false", value)
     return value
+
+
+def _seconds_or_zero(value: Any) -> float:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    try:
+        return _seconds(value)
+    except _Invalid:
+        raise _Invalid("a number of seconds > 0, or 0 for none", value) from None
 
 
 def _seconds(value: Any) -> float:

@@ -87,6 +87,10 @@ class Delivery:
     # Called once with "acked" or "dead" (publish --wait listens here).
     on_settled: Callable[[str], None] | None = None
     errors: list[str] = field(default_factory=list)
+    # When it was last handed to a worker (time.monotonic()), for ack_timeout.
+    sent_at: float = 0.0
+    # How many workers were killed for holding it past ack_timeout.
+    timeouts: int = 0
 
     def settle(self, outcome: str) -> None:
         """Report the final outcome to whoever waits for it."""
@@ -316,7 +320,7 @@ class Instance:
                 self.name,
                 len(deliveries),
             )
-            self.broker.requeue(deliveries)
+            self.broker.requeue(self, deliveries)
 
     # -- what busd tells the worker -------------------------------------------
 
@@ -324,6 +328,7 @@ class Instance:
         """Send ``delivery`` to the worker; it is in flight until acked."""
         assert self.process is not None and self.process.stdin is not None
         delivery.attempts += 1
+        delivery.sent_at = time.monotonic()
         self.inflight[delivery.id] = delivery
         self.process.stdin.write(
             encode_frame(
@@ -383,6 +388,27 @@ class Instance:
                 )
                 self._kill(signum)
         await self._exited.wait()
+
+    def check_ack_timeout(self, now: float) -> None:
+        """Kill a RUNNING worker that has held a message past ``ack_timeout``.
+
+        Its messages then go to another instance (see ``_wait_exit``).
+        """
+        timeout = self.broker.config.ack_timeout
+        if not timeout or self.state is not S.RUNNING or not self.inflight:
+            return
+        oldest = min(self.inflight.values(), key=lambda d: d.sent_at)
+        if now - oldest.sent_at > timeout:
+            oldest.timeouts += 1
+            oldest.errors.append(f"not acknowledged within {timeout:g} s by {self}")
+            log.error(
+                "%s: message %d not acknowledged within %g s (ack_timeout); "
+                "the worker is taken as hung and killed",
+                self,
+                oldest.id,
+                timeout,
+            )
+            self._kill(signal.SIGKILL)
 
     def _kill(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:

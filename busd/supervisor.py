@@ -47,6 +47,8 @@ START_PRIORITY = 80
 STOP_PRIORITY = 60
 # How long start and reload wait for instances to be RUNNING (or to fail).
 READY_WAIT = 30.0
+# How often in-flight messages are checked against ack_timeout.
+ACK_CHECK_SECONDS = 0.5
 SETTLED = (InstanceState.RUNNING, InstanceState.FATAL, InstanceState.STOPPED)
 
 
@@ -71,6 +73,7 @@ class Supervisor(SimplePlugin):
         self._ps: dict[int, psutil.Process] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.spool: Spool | None = None
+        self._ack_watch: asyncio.Task[Any] | None = None
 
     # -- bus listeners (main thread) ---------------------------------------------
 
@@ -100,11 +103,12 @@ class Supervisor(SimplePlugin):
         """Apply a reloaded config: add, remove, rolling-restart brokers."""
         self._run(self._reconfigure(config))
 
-    def background(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+    def background(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task on the loop, keeping it referenced."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         loop = self.daemon.control.loop
@@ -122,6 +126,7 @@ class Supervisor(SimplePlugin):
         await asyncio.gather(
             *(b.scale(b.config.instances) for b in self.brokers.values())
         )
+        self._ack_watch = self.background(self._watch_acks())
         await self.wait_settled(self.all_instances())
         for broker in self.brokers.values():
             log.info(
@@ -131,7 +136,18 @@ class Supervisor(SimplePlugin):
                 len(broker.instances),
             )
 
+    async def _watch_acks(self) -> None:
+        """Every ``ACK_CHECK_SECONDS``, kill instances that hold a message
+        longer than their broker's ``ack_timeout``."""
+        while True:
+            await asyncio.sleep(ACK_CHECK_SECONDS)
+            now = time.monotonic()
+            for instance in self.all_instances():
+                instance.check_ack_timeout(now)
+
     async def _stop_all(self) -> None:
+        if self._ack_watch is not None:
+            self._ack_watch.cancel()
         await asyncio.gather(*(b.stop() for b in self.brokers.values()))
 
     async def _reconfigure(self, config: Config) -> None:

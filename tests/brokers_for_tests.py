@@ -154,3 +154,13 @@ class Flooder(Recorder):
             os.write(2, gap)
         os.write(2, b"flood done\n")
         super().handle(channel, message)
+
+
+class HangOn(Recorder):
+    """Records, then never returns for a message equal to ``$HANG_ON``
+    (a worker stuck on one message: busd's ack_timeout must notice)."""
+
+    def handle(self, channel: str, message: Any) -> None:
+        super().handle(channel, message)
+        if message == os.environ.get("HANG_ON"):
+            threading.Event().wait()
