@@ -120,7 +120,9 @@ def test_ctrl_c_stops_bank_and_broker_cleanly() -> None:
         status = stock.finish(deadline)
 
         assert status == 0, stock.output
-        assert sorted(exited_pids(stock.lines)) == sorted([main_pid, broker_pid])
+        assert sorted(exited_pids(stock.lines)) == sorted([main_pid, broker_pid]), (
+            stock.output
+        )
         assert "Broker stopped, exit code 0" in stock.output
         assert "Traceback" not in stock.output
         assert_gone(main_pid, broker_pid)

@@ -84,6 +84,13 @@ def drop_in() -> str:
         "# Short, so that missing WATCHDOG=1 pings would kill busd during the test.",
         f"WatchdogSec={WATCHDOG_SEC}s",
     ]
+    private = [p for p in needed_paths() if under(p, ("/tmp", "/var/tmp"))]
+    if private:
+        lines += [
+            "# PrivateTmp= gives busd a /tmp of its own: show this checkout",
+            "# (CI may clone under /tmp) in it.",
+            "BindReadOnlyPaths=" + " ".join(private),
+        ]
     hidden = [p for p in needed_paths() if under(p, HOME_DIRS)]
     if hidden and all(world_readable(p) for p in hidden):
         lines += [
