@@ -78,6 +78,12 @@ class RunningDaemon:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the daemon by PID if it still runs, and reap it."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(10)
+
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM the daemon by PID and return its exit status."""
         if self.process.poll() is None:
@@ -99,6 +105,58 @@ def answers(socket_path: str) -> bool:
         return False
 
 
+def start_daemon(
+    directory: Path,
+    config_text: str = "",
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+) -> RunningDaemon:
+    """Start ``busd run`` with ``config_text`` in ``directory`` (made here).
+
+    With ``wait``, return once it answers ``state`` with STARTED; the caller
+    ends it by PID (``stop()`` or ``kill()``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "busd.toml"
+    config.write_text(config_text)
+    config.chmod(0o644)
+    log = directory / "busd.log"
+    socket_path = str(directory / "busd.sock")
+    pidfile = str(directory / "busd.pid")
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "busd",
+                "run",
+                "--config",
+                str(config),
+                "--socket",
+                socket_path,
+                "--pidfile",
+                pidfile,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            env={**os.environ, **(env or {})},
+        )
+    daemon = RunningDaemon(process, directory, socket_path, pidfile, config, log)
+    if wait:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        while not answers(socket_path):
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"busd exited with {process.returncode}:\n{daemon.log_text()}"
+                )
+            if time.monotonic() > deadline:
+                daemon.kill()
+                raise AssertionError(f"busd did not answer:\n{daemon.log_text()}")
+            time.sleep(0.02)
+    return daemon
+
+
 @pytest.fixture
 def start_busd(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
     """A factory: ``start_busd(config_text="", wait=True, env=None)``."""
@@ -107,52 +165,13 @@ def start_busd(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
     def start(
         config_text: str = "", wait: bool = True, env: dict[str, str] | None = None
     ) -> RunningDaemon:
-        directory = tmp_path / f"busd{len(started)}"
-        directory.mkdir()
-        config = directory / "busd.toml"
-        config.write_text(config_text)
-        config.chmod(0o644)
-        log = directory / "busd.log"
-        socket_path = str(directory / "busd.sock")
-        pidfile = str(directory / "busd.pid")
-        with open(log, "wb") as log_file:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "busd",
-                    "run",
-                    "--config",
-                    str(config),
-                    "--socket",
-                    socket_path,
-                    "--pidfile",
-                    pidfile,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                env={**os.environ, **(env or {})},
-            )
-        daemon = RunningDaemon(process, directory, socket_path, pidfile, config, log)
+        daemon = start_daemon(tmp_path / f"busd{len(started)}", config_text, wait, env)
         started.append(daemon)
-        if wait:
-            deadline = time.monotonic() + STARTUP_DEADLINE
-            while not answers(socket_path):
-                if process.poll() is not None:
-                    raise AssertionError(
-                        f"busd exited with {process.returncode}:\n{daemon.log_text()}"
-                    )
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"busd did not answer:\n{daemon.log_text()}")
-                time.sleep(0.02)
         return daemon
 
     yield start
     for daemon in started:
-        if daemon.process.poll() is None:
-            os.kill(daemon.pid, signal.SIGKILL)
-            daemon.process.wait(10)
+        daemon.kill()
 
 
 @pytest.fixture
