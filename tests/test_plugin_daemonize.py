@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
+from conftest import wait_for
 
 from busd.bus import Bus, states
 from busd.plugins.daemonize import START_PRIORITY, Daemonizer
@@ -51,18 +51,6 @@ bus.block(interval=0.02)
 """
 
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "INVOCATION_ID")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
 
 
 def reap(pid: int, timeout: float = TIMEOUT) -> int:
@@ -118,7 +106,7 @@ def test_daemonizes_into_a_new_session(tmp_path: Path) -> None:
             assert "Bus STARTING" in launched
             assert "Bus STARTED" not in launched  # that happens in the daemon
 
-            daemon_pid = wait_until(lambda: PIDFile(Bus(), pidfile).holder())
+            daemon_pid = wait_for(lambda: PIDFile(Bus(), pidfile).holder())
             assert daemon_pid != launcher.pid
             session = os.getsid(daemon_pid)
             # The first child called setsid() and left: it led the session.
@@ -147,7 +135,7 @@ def test_daemonizes_into_a_new_session(tmp_path: Path) -> None:
             assert str(kept) in fds.values()  # files_preserve
             assert not any(target.startswith("pipe:") for target in fds.values())
 
-            wait_until(lambda: "Bus STARTED" in out.read_text())
+            wait_for(lambda: "Bus STARTED" in out.read_text())
             log = out.read_text()
             assert f"Daemonized: PID {daemon_pid}, session {session}." in log
             assert kept.read_text() == f"kept {daemon_pid}\n"

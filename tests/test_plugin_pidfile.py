@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -58,18 +57,6 @@ print("WON", flush=True)
 sys.stdin.read()
 plugin.exit()
 """
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
 
 
 def read_line(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:

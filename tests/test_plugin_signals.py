@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from busd.bus import Bus, states
 from busd.plugins.signals import SignalHandler
@@ -50,18 +51,6 @@ bus.start()
 bus.block(interval=0.02)
 print("block returned", flush=True)
 """
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
-    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
 
 
 class Lines:
@@ -186,7 +175,7 @@ def test_the_handler_records_and_the_main_tick_acts(bus_log) -> None:
     try:
         assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
         os.kill(os.getpid(), signal.SIGUSR1)
-        wait_until(lambda: plugin.pending == 1)
+        wait_for(lambda: plugin.pending == 1)
         assert calls == []  # the OS handler only recorded the signal
         bus.publish("main")
         assert calls == [(threading.main_thread(), True)]
@@ -207,7 +196,7 @@ def test_sigterm_exits_the_bus_from_the_main_tick_and_restores(bus_log) -> None:
         bus.start()
         assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, previous)
         os.kill(os.getpid(), signal.SIGTERM)
-        wait_until(lambda: plugin.pending == 1)
+        wait_for(lambda: plugin.pending == 1)
         assert bus.state is states.STARTED  # nothing happened in the handler
         bus.publish("main")
         assert bus.state is states.EXITING
@@ -240,7 +229,7 @@ def test_unsubscribe_restores_the_previous_handlers(bus_log) -> None:
         after = {name: signal.getsignal(getattr(signal, name)) for name in names}
         assert after == before
         os.kill(os.getpid(), signal.SIGUSR1)
-        wait_until(lambda: hits == [signal.SIGUSR1])
+        wait_for(lambda: hits == [signal.SIGUSR1])
         assert plugin.pending == 0
     finally:
         signal.signal(signal.SIGUSR1, original_usr1)
