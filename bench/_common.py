@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -49,3 +50,109 @@ def write_section(title: str, text: str, results: Path = RESULTS) -> None:
         rest = "" if following < 0 else old[following + 1 :]
         new = old[:start] + text + ("\n" + rest if rest else "")
     results.write_text(new)
+
+
+# -- helpers for the scenario scripts (stdlib + psutil: the peers venv runs them too)
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEERS = BENCH / ".venv-peers"
+# busd always runs on the project's interpreter, whichever venv runs the script.
+BUSD_PYTHON = ROOT / ".venv" / "bin" / "python"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for busd and its tools: the working tree first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONPROFILEIMPORTTIME", None)
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the kernel's pick)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of ``pid`` (empty if it is gone)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def end_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM each PID still alive, then SIGKILL those that linger."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.Error:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def stop_tree(process, grace: float = 10.0) -> None:
+    """End a process started with Popen and everything it started, by PID.
+
+    The descendants are listed first (a supervisor's workers may be in
+    their own sessions), then the process gets SIGTERM, and whatever of
+    them is still alive after it is ended too.
+    """
+    import subprocess
+
+    kids = descendants(process.pid)
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+    end_pids(kids, grace=2.0)
+
+
+def write_targets(path: str | None, rows: list[dict]) -> None:
+    """Hand the target rows to bench/run (``--targets-json PATH``).
+
+    Each row: ``figure``, ``measured``, ``goal``, ``met`` and ``limits``
+    (what limits a missed figure, or "").
+    """
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps(rows, indent=1))
+
+
+def target_table(rows: list[dict]) -> str:
+    out = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for row in rows:
+        met = "yes" if row["met"] else "**no**"
+        out.append(f"| {row['figure']} | {row['measured']} | {row['goal']} | {met} |")
+    missed = [row for row in rows if not row["met"] and row.get("limits")]
+    if missed:
+        out += ["", "What limits the missed figures:", ""]
+        out += [f"- **{row['figure']}**: {row['limits']}" for row in missed]
+    return "\n".join(out)

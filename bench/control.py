@@ -15,15 +15,23 @@ taking turns so that a slow patch of the machine hits them alike:
 3. Idle memory: RSS (and USS) of busd and supervisord by PID, after start
    and after the benchmark.
 
-supervisor (and py-spy, for the notes) are installed into
-``bench/.venv-peers``, created on first use. busd runs from the working
-tree (``PYTHONPATH`` is the repository root, as is every ``busctl``).
+busd is measured as users get it: each run builds a wheel of the working
+tree and installs it (``--no-deps``, with the runtime dependencies from
+pyproject.toml) into ``bench/.venv-busd``, whose ``busd``, ``busctl`` and
+``python`` run busd, the CLI, the floor client and the echo server. The
+working tree's editable install in ``.venv`` would add an import hook to
+every interpreter start (``__editable___busd_..._finder``) that a normal
+install does not have. supervisor (and py-spy, for the notes) are
+installed into ``bench/.venv-peers``, created on first use.
 
 Run from the repository root::
 
     .venv/bin/python bench/control.py            # print the tables
     .venv/bin/python bench/control.py --write    # and update RESULTS.md
     .venv/bin/python bench/control.py --quick    # smoke test: busd vs floors only
+
+``--quick`` runs busd and busctl from the working tree instead (no wheel,
+no package index needed): its figures are not the users'.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +71,8 @@ sys.path.insert(0, str(ROOT))  # the working tree, not an installed copy
 from busctl.client import Client  # noqa: E402
 
 PEERS = BENCH / ".venv-peers"
+BUSD_VENV = BENCH / ".venv-busd"  # a wheel of the working tree, installed
+BUSD_PYTHON = BUSD_VENV / "bin" / "python"
 PEER_PACKAGES = ("supervisor==4.3.0", "py-spy==0.4.3")
 SECTION = "## Control plane"
 MiB = 1024 * 1024
@@ -96,11 +107,66 @@ class Settings:
 # -- processes -----------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
+@dataclass(frozen=True)
+class Runtime:
+    """Where busd, busctl, the floor client and the echo server run from."""
+
+    python: str
+    busd: list[str]
+    busctl: list[str]
+    env: dict[str, str]
+
+
+def child_env(pythonpath: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONPATH", None)
     env.pop("PYTHONPROFILEIMPORTTIME", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return env
+
+
+def installed(tmp: Path) -> Runtime:
+    """busd as users get it: a wheel of the working tree in bench/.venv-busd."""
+    install_busd(tmp)
+    bin_ = BUSD_VENV / "bin"
+    return Runtime(
+        str(BUSD_PYTHON), [str(bin_ / "busd")], [str(bin_ / "busctl")], child_env()
+    )
+
+
+def working_tree() -> Runtime:
+    """busd from the working tree, without installing (--quick: no index needed)."""
+    python = sys.executable
+    return Runtime(
+        python,
+        [python, "-m", "busd"],
+        [python, "-m", "busctl"],
+        child_env(str(ROOT)),
+    )
+
+
+def install_busd(tmp: Path) -> None:
+    """Build a wheel of the working tree; install it into bench/.venv-busd.
+
+    A normal (not editable) install with the runtime dependencies, as a
+    user's ``pip install busd`` would give, so that every interpreter start
+    is what a user's is. The venv is created on first use; the wheel is
+    rebuilt and reinstalled on every run, the tree having changed.
+    """
+    if not BUSD_PYTHON.exists():
+        print(f"Creating {BUSD_VENV.relative_to(ROOT)} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(BUSD_VENV)], check=True)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip = [str(BUSD_PYTHON), "-m", "pip", "-q", "--disable-pip-version-check"]
+    quiet = {"stdout": subprocess.DEVNULL, "check": True}
+    subprocess.run([*pip, "install", *project["dependencies"]], **quiet)
+    wheels = tmp / "wheel"
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], **quiet)
+    (wheel,) = wheels.glob("busd-*.whl")
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--force-reinstall", str(wheel)], **quiet
+    )
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -127,20 +193,20 @@ def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what
         time.sleep(0.02)
 
 
-def start_busd(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_busd(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
     config = tmp / "busd.toml"
     config.write_text("")
     sock = str(tmp / "busd.sock")
     with open(tmp / "busd.log", "wb") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "busd", "run", "--config", str(config)),
+                *(*rt.busd, "run", "--config", str(config)),
                 *("--socket", sock, "--pidfile", str(tmp / "busd.pid")),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            env=child_env(),
+            env=rt.env,
             cwd=tmp,
         )
 
@@ -152,12 +218,12 @@ def start_busd(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, sock
 
 
-def start_echo(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_echo(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(tmp / "echo.sock")
     process = subprocess.Popen(
-        [sys.executable, str(BENCH / "echo_server.py"), sock],
+        [rt.python, str(BENCH / "echo_server.py"), sock],
         stdin=subprocess.DEVNULL,
-        env=child_env(),
+        env=rt.env,
     )
 
     def answers() -> bool:
@@ -294,11 +360,14 @@ class SupervisorRPC:
 # -- 1. CLI wall time ----------------------------------------------------------
 
 
-def cli_commands(busd_sock: str, supervisor_conf: Path | None) -> dict[str, list[str]]:
-    busctl = Path(sys.executable).with_name("busctl")
-    busctl_cmd = [str(busctl)] if busctl.exists() else [sys.executable, "-m", "busctl"]
+def cli_commands(
+    rt: Runtime, busd_sock: str, supervisor_conf: Path | None
+) -> dict[str, list[str]]:
+    # The console script pip wrote, as users run it; the floor on the same
+    # interpreter, so that both start alike.
+    busctl_cmd = rt.busctl
     commands = {
-        "floor client": [sys.executable, str(BENCH / "floor_client.py"), busd_sock],
+        "floor client": [rt.python, str(BENCH / "floor_client.py"), busd_sock],
         "busctl ping": [*busctl_cmd, "--socket", busd_sock, "ping"],
         "busctl state": [*busctl_cmd, "--socket", busd_sock, "state"],
     }
@@ -317,12 +386,13 @@ def rotated(names: list[str], round_: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def time_cli(commands: dict[str, list[str]], settings: Settings, tmp: Path):
+def time_cli(
+    commands: dict[str, list[str]], settings: Settings, tmp: Path, env: dict[str, str]
+):
     """Wall seconds per run of each command, rounds interleaved; and the tool."""
     names = list(commands)
     times: dict[str, list[float]] = {name: [] for name in names}
     hyperfine = find_hyperfine()
-    env = child_env()
     for round_ in range(settings.cli_rounds):
         order = rotated(names, round_)
         if hyperfine:
@@ -448,7 +518,7 @@ def cli_analysis(commands: dict[str, list[str]]) -> list[str]:
     parser_ms = statistics.median(
         float(
             subprocess.run(
-                [sys.executable, "-c", code],
+                [str(BUSD_PYTHON), "-c", code],
                 env=child_env(),
                 capture_output=True,
                 text=True,
@@ -462,6 +532,8 @@ def cli_analysis(commands: dict[str, list[str]]) -> list[str]:
     ]
     own = {n: us for n, us in extra.items() if n.split(".")[0] in ("busd", "busctl")}
     stdlib = {n: us for n, us in extra.items() if n not in own}
+    re_parts = [n for n in extra if n in ("re", "_sre", "copyreg") or n[:3] == "re."]
+    re_ms = sum(extra[n] for n in re_parts) / 1000
 
     def listing(modules: dict[str, float], count: int) -> str:
         top = sorted(modules.items(), key=lambda item: -item[1])[:count]
@@ -473,9 +545,22 @@ def cli_analysis(commands: dict[str, list[str]]) -> list[str]:
         f"loads, its own take {sum(own.values()) / 1000:.1f} ms ({listing(own, 5)}) "
         f"and the standard library modules they pull in "
         f"{sum(stdlib.values()) / 1000:.1f} ms ({listing(stdlib, 8)} ms)",
-        f"`build_parser()` (8 subparsers with epilogs) takes {parser_ms:.1f} ms "
-        "before any byte is sent",
     ]
+    if "argparse" in extra:
+        notes.append(
+            f"`build_parser()` (12 subparsers with epilogs) takes {parser_ms:.1f} ms "
+            "before any byte is sent"
+        )
+    else:
+        notes.append(
+            "`busctl ping` loads no argparse (its fast path); the other commands "
+            f"build the parser, {parser_ms:.1f} ms"
+        )
+    if "re" in extra:
+        notes.append(
+            "pip's console script `bin/busctl` does `import re` (for `sys.argv[0]`) "
+            f"before busctl runs: `re` and its parts {re_ms:.1f} ms"
+        )
     if "typing" in extra:
         notes.append(
             "`typing` (with `contextlib`, `warnings`) is imported only for "
@@ -525,7 +610,7 @@ def memory_analysis() -> list[tuple[str, int, int]]:
     runs = []
     for _ in range(3):
         out = subprocess.run(
-            [sys.executable, "-c", "\n".join(code)],
+            [str(BUSD_PYTHON), "-c", "\n".join(code)],
             env=child_env(),
             capture_output=True,
             text=True,
@@ -588,12 +673,10 @@ def rtt_analysis(leaves: collections.Counter | None) -> list[str]:
             "cost too; the rest is busd's)"
         )
     lines.append(
-        "per request busd makes asyncio run more than the echo server does: "
-        "`StreamReader.read` wakes the `Connection.serve` coroutine through a "
-        "future (one loop turn), then `asyncio.create_task(_run_request)` "
-        "schedules a task (another loop turn) before the op runs and "
-        "`StreamWriter.write` answers; the echo server answers inside "
-        "`Protocol.data_received`"
+        "busd answers a ping inside `Connection.data_received`, as the echo "
+        "server does; what it does besides is per request: `parse_request`, "
+        "the op lookup, `AccessPolicy.allows`, a `RequestContext`, the op, "
+        "`encode_frame` and the write-buffer check"
     )
     return lines
 
@@ -799,9 +882,10 @@ def run(settings: Settings, tmp: Path, profile: bool) -> Results:
     processes: list[subprocess.Popen[bytes]] = []
     sleeper_pid = None
     try:
-        busd, busd_sock = start_busd(tmp)
+        rt = working_tree() if settings.quick else installed(tmp)
+        busd, busd_sock = start_busd(tmp, rt)
         processes.append(busd)
-        echo, echo_sock = start_echo(tmp)
+        echo, echo_sock = start_echo(tmp, rt)
         processes.append(echo)
         conf = supervisor_sock = None
         if settings.peers:
@@ -819,8 +903,8 @@ def run(settings: Settings, tmp: Path, profile: bool) -> Results:
             name: {"after start": memory(pid)} for name, pid in memory_pids.items()
         }
 
-        commands = cli_commands(busd_sock, conf)
-        cli, tool = time_cli(commands, settings, tmp)
+        commands = cli_commands(rt, busd_sock, conf)
+        cli, tool = time_cli(commands, settings, tmp, rt.env)
 
         clients: dict[str, Any] = {
             BUSD_CLIENT: Client(busd_sock),
@@ -868,9 +952,10 @@ def memory_notes(r: Results, steps: list[tuple[str, int, int]]) -> list[str]:
         "RSS of a fresh interpreter importing what `busd run` imports, step by "
         "step: " + ", ".join(parts) + f" (= {loaded / MiB:.1f} MiB, "
         f"{steps[-1][2]} modules)",
-        f"the running daemon adds {(rss - loaded) / MiB:.1f} MiB on top "
-        "(the I/O thread with its own malloc arena, the event loop, the log "
-        "ring, buffers)",
+        f"the running daemon's RSS is {(rss - loaded) / MiB:+.1f} MiB from that "
+        "(it adds the I/O thread with its own malloc arena, the event loop, "
+        "the log ring, buffers; a negative figure means pages of the imports "
+        "it never touched)",
     ]
 
 

@@ -3,9 +3,11 @@
 ``ControlServer`` is a bus plugin. On ``start`` (while still root, before
 privileges are dropped) it binds the Unix socket and starts an asyncio
 event loop on its own thread; every client connection lives on that loop.
-A connection reads bytes, cuts them into frames with the shared
-:class:`~busd.protocol.FrameDecoder`, and runs each request as a task, so
-several requests can be in flight and are answered as they complete.
+A connection is an :class:`asyncio.Protocol`: the bytes asyncio hands it are
+cut into frames by the shared :class:`~busd.protocol.FrameDecoder`, and each
+request runs at once; an op that must wait (publish --wait, broker
+lifecycle) is finished by a task, so several requests can be in flight and
+are answered as they complete.
 
 Nothing a client sends can stop the server: a bad frame gets a typed error
 (and, when the byte stream can't be trusted any more, the connection is
@@ -52,7 +54,6 @@ BIND_PRIORITY = 75
 CLOSE_PRIORITY = 90
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-READ_CHUNK = 256 * 1024
 
 READ = "read"
 WRITE = "write"
@@ -192,12 +193,12 @@ class ControlServer(SimplePlugin):
         self.loop.run_forever()
 
     async def _serve(self) -> None:
+        assert self.loop is not None
         # asyncio listens again on the socket with its own backlog (100 by
         # default): pass ours, or a burst of connects fails with EAGAIN.
-        self._server = await asyncio.start_unix_server(
-            self._accept,
+        self._server = await self.loop.create_unix_server(
+            lambda: Connection(self, next(self._ids)),
             sock=self._listener,
-            limit=READ_CHUNK,
             backlog=listen_backlog(self.settings),
         )
 
@@ -215,89 +216,117 @@ class ControlServer(SimplePlugin):
             with contextlib.suppress(RuntimeError):  # loop closing
                 self.loop.call_soon_threadsafe(callback, *args)
 
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        peer = peer_of(writer.get_extra_info("socket"))
-        connection = Connection(self, reader, writer, peer, next(self._ids))
-        if len(self.connections) >= self.settings.max_clients:
-            log.warning(
-                "Refusing client %s: %d connections already open",
-                peer,
-                len(self.connections),
-            )
-            connection.send(
-                error_reply(None, ErrorCode.BUSY, "too many clients; try again later")
-            )
-            connection.close()
-            return
-        self.connections.add(connection)
-        try:
-            await connection.serve()
-        finally:
-            self.connections.discard(connection)
 
+class Connection(asyncio.Protocol):
+    """One client: its frames in, its answers and stream events out.
 
-class Connection:
-    """One client: its frames in, its answers and stream events out."""
+    asyncio calls the methods below on the I/O loop: ``connection_made``
+    once, ``data_received`` with each chunk of bytes the socket gave,
+    ``connection_lost`` once at the end (the client left, or we closed).
+    A request is answered inside the ``data_received`` that completed its
+    frame, as a bare echo server would: no task and no extra loop turn
+    between a request and its answer unless its op must wait.
 
-    def __init__(
-        self,
-        server: ControlServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: Peer,
-        number: int,
-    ) -> None:
+    What a StreamReader loop did for us is done here by hand: a frame
+    left half-sent is cut off by a timer (``_watch_half_frame``), and a
+    client that does not read its answers is cut off by ``send``. Reading
+    never needs pausing: every chunk is decoded at once, and the decoder
+    buffers at most one frame (``max_frame``).
+    """
+
+    transport: asyncio.Transport | None = None
+    peer: Peer  # from the socket, in connection_made (the first call)
+
+    def __init__(self, server: ControlServer, number: int) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
         self.number = number
         self.closed = False
         # Stream id -> cleanup callback, run when the stream ends.
         self.streams: dict[Any, Callable[[], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._decoder = FrameDecoder(server.settings.max_frame)
+        self._frame_timer: asyncio.TimerHandle | None = None
 
-    async def serve(self) -> None:
-        """Read frames until the client leaves or breaks the protocol."""
-        settings = self.server.settings
-        decoder = FrameDecoder(settings.max_frame)
-        try:
-            while not self.closed:
-                timeout = settings.frame_timeout if decoder.pending else None
-                try:
-                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout)
-                except TimeoutError:
-                    self._refuse(
-                        ProtocolError(
-                            ErrorCode.BAD_REQUEST,
-                            f"incomplete frame: no data for {settings.frame_timeout:g}"
-                            " s; closing the connection",
-                            fatal=True,
-                        )
-                    )
-                    break
-                if not data:
-                    break
-                try:
-                    messages = decoder.feed(data)
-                except ProtocolError as error:
-                    self._refuse(error)
-                    break
-                for message in messages:
-                    if isinstance(message, ProtocolError):
-                        self.send(error_reply(None, message.code, message.message))
-                    else:
-                        self._start_request(message)
-        except (ConnectionError, OSError):
-            pass  # the client went away; nothing to answer
-        finally:
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Learn who called; refuse them if busd has max_clients already."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = peer_of(transport.get_extra_info("socket"))
+        connections = self.server.connections
+        if len(connections) >= self.server.settings.max_clients:
+            log.warning(
+                "Refusing client %s: %d connections already open",
+                self.peer,
+                len(connections),
+            )
+            self.send(
+                error_reply(None, ErrorCode.BUSY, "too many clients; try again later")
+            )
             self.close()
+            return
+        connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Decode the frames ``data`` completes and run their requests."""
+        if self.closed:
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as error:  # fatal: the byte stream is lost
+            self._refuse(error)
+            return
+        for message in messages:
+            if self.closed:  # cut off by send() as a client that does not read
+                return
+            if isinstance(message, ProtocolError):
+                self.send(error_reply(None, message.code, message.message))
+            else:
+                self._start_request(message)
+        self._watch_half_frame()
+
+    def eof_received(self) -> bool:
+        """The client shut down its sending side: close (connection_lost follows)."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is closed: end the streams and tasks, forget the client."""
+        self.close()
+        self.server.connections.discard(self)
+
+    # -- requests --------------------------------------------------------------
+
+    def _watch_half_frame(self) -> None:
+        """Give a half-received frame ``frame_timeout`` more seconds to finish.
+
+        Called after each chunk of data, so the timer restarts whenever
+        bytes arrive; a client that goes quiet mid-frame is cut off.
+        """
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        if self._decoder.pending and not self.closed:
+            self._frame_timer = asyncio.get_running_loop().call_later(
+                self.server.settings.frame_timeout, self._frame_timed_out
+            )
+
+    def _frame_timed_out(self) -> None:
+        self._frame_timer = None
+        self._refuse(
+            ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"incomplete frame: no data for "
+                f"{self.server.settings.frame_timeout:g} s; closing the connection",
+                fatal=True,
+            )
+        )
 
     def _refuse(self, error: ProtocolError) -> None:
+        """Answer a fatal protocol error, then close the connection."""
         log.warning("Closing client %s: %s", self.peer, error.message)
         self.send(error_reply(None, error.code, error.message))
+        self.close()
 
     def _start_request(self, message: dict[str, Any]) -> None:
         """Run one request: answered at once, or by a task if it must wait.
@@ -370,9 +399,11 @@ class Connection:
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue ``message`` for the client; cut off a client that never reads."""
-        if self.closed or self.writer.transport.is_closing():
-            # The client is gone and serve() has not noticed yet: writing
-            # would only make asyncio log "socket.send() raised exception."
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            # The client is gone and connection_lost has not come yet:
+            # writing would only make asyncio log "socket.send() raised
+            # exception."
             return
         try:
             frame = encode_frame(message)
@@ -382,8 +413,8 @@ class Connection:
             frame = encode_frame(
                 error_reply(message.get("id"), ErrorCode.INTERNAL, error.message)
             )
-        self.writer.write(frame)
-        waiting = self.writer.transport.get_write_buffer_size()
+        transport.write(frame)
+        waiting = transport.get_write_buffer_size()
         if waiting > self.server.settings.max_output:
             log.warning(
                 "Disconnecting client %s: it does not read its answers "
@@ -391,7 +422,7 @@ class Connection:
                 self.peer,
                 waiting,
             )
-            self.writer.transport.abort()
+            transport.abort()
             self.close()
 
     def open_stream(self, stream_id: Any, cleanup: Callable[[], None]) -> None:
@@ -407,15 +438,22 @@ class Connection:
         return True
 
     def close(self) -> None:
-        """End every stream and task of this client and close its socket."""
+        """End every stream and task of this client and close its socket.
+
+        What is already queued for the client is still sent before the
+        socket closes (a refusal, say).
+        """
         if self.closed:
             return
         self.closed = True
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
         for stream_id in list(self.streams):
             self.end_stream(stream_id)
         for task in list(self._tasks):
             task.cancel()
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 @dataclass

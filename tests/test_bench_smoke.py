@@ -27,3 +27,20 @@ def test_control_bench_quick_runs() -> None:
     assert "| target | measured | goal | met |" in done.stdout
     assert "busctl ping" in done.stdout
     assert "supervisord" not in done.stdout
+
+
+def test_bench_run_quick_runs() -> None:
+    """``bench/run --quick``: every benchmark once, tiny, no peers, nothing left."""
+    done = subprocess.run(
+        [str(ROOT / "bench" / "run"), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "## Summary" in done.stdout
+    assert "| step | target | measured | goal | met |" in done.stdout
+    for step in ("control plane", "throughput", "start/stop + memory", "idle clients"):
+        assert f"| {step} |" in done.stdout
+    assert "no benchmark process left running" in done.stderr

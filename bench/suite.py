@@ -1,0 +1,305 @@
+"""bench/run: every benchmark, busd against its peers, in one run.
+
+Sets up bench/.venv-peers (supervisor, circus, CherryPy, redis-py, py-spy,
+psutil from PyPI) and redis-server/redis-benchmark (Debian, ``apt-get``),
+then runs, each on its own:
+
+1. ``bus_publish.py``: ``Bus.publish`` against CherryPy's (in-process);
+2. ``control.py``: CLI wall time, control round trip, busd's idle RSS,
+   against supervisord (its functions are called here, so the target rows
+   come back);
+3. ``throughput.py``: publish -> ack through busd against Redis PUBLISH;
+4. ``fleet.py``: start/stop N workers and memory per worker, against
+   supervisord and circus (on the peers' interpreter);
+5. ``scaling.py``: round trip with 0/100/1000 idle clients.
+
+With ``--write`` each updates its section of RESULTS.md and this script
+puts a ``## Summary`` at the top: every target, met or not, and what
+limits each missed one. At the end it checks with psutil that no process
+a benchmark started is left, and ends any by PID.
+
+``--quick`` is the smoke test: one repetition, small N, no peers, nothing
+installed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from _common import BENCH, PEERS, ROOT, machine, now, write_section
+
+PEER_PACKAGES = (
+    "supervisor==4.3.0",
+    "circus==0.19.0",
+    "CherryPy==18.10.0",
+    "redis==8.1.0",
+    "py-spy==0.4.3",
+    "psutil==7.2.2",
+)
+DEBIAN_PACKAGES = ("redis-server", "redis-tools")
+SUMMARY = "## Summary"
+# What a benchmark's processes carry in their command line or cwd.
+MARKS = ("busd-bench-", "idle_worker.py", "bench_brokers", "echo_server.py")
+
+
+def log(text: str) -> None:
+    print(f"[bench/run] {text}", file=sys.stderr, flush=True)
+
+
+# -- setting up the peers --------------------------------------------------------
+
+
+def ensure_peer_venv() -> str:
+    python = PEERS / "bin" / "python"
+    if not python.exists():
+        log(f"creating {PEERS.relative_to(ROOT)}")
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
+    frozen = subprocess.run(
+        [str(python), "-m", "pip", "freeze"], capture_output=True, text=True
+    ).stdout.lower()
+    missing = [p for p in PEER_PACKAGES if p.lower() not in frozen]
+    if missing:
+        log("pip install " + " ".join(missing))
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *missing], check=True
+        )
+    return "peers venv: " + ", ".join(PEER_PACKAGES)
+
+
+def ensure_redis() -> str:
+    if shutil.which("redis-server") and shutil.which("redis-benchmark"):
+        return "redis-server and redis-benchmark present"
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return "redis skipped: no apt-get, or not root"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "-q", *DEBIAN_PACKAGES]
+    log(" ".join(command))
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not shutil.which("redis-server"):
+        return "redis skipped: `apt-get install redis-server redis-tools` failed"
+    # A package's postinst may start the system's redis (not where
+    # policy-rc.d forbids it): end it, we start our own.
+    for proc in psutil.process_iter(["name", "create_time"]):
+        if proc.info["name"] == "redis-server" and proc.info["create_time"] > START:
+            log(f"ending redis-server PID {proc.pid} started by the package")
+            proc.terminate()
+    return "redis-server and redis-tools installed from Debian"
+
+
+# -- the steps ---------------------------------------------------------------------
+
+
+def run_script(
+    name: str, args: argparse.Namespace, python: str | None = None
+) -> list[dict]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        targets = handle.name
+    command = [python or sys.executable, str(BENCH / name)]
+    if args.quick:
+        # bus_publish.py has no --quick: its fewest rounds take seconds.
+        command += ["--repeats", "7"] if name == "bus_publish.py" else ["--quick"]
+    elif args.write:
+        command.append("--write")
+    if name != "bus_publish.py":
+        command += ["--targets-json", targets]
+    try:
+        subprocess.run(command, cwd=BENCH, check=True)
+        text = Path(targets).read_text()
+        return json.loads(text) if text.strip() else []
+    finally:
+        os.unlink(targets)
+
+
+CONTROL_NOTES = (  # control.py's target rows -> the title of its note
+    ("`busctl", "CLI wall time"),
+    ("`supervisorctl", "CLI against supervisorctl"),
+    ("round trip p50, busd / echo", "Round trip against the echo server"),
+    ("round trip p50, supervisord", "Round trip against supervisord"),
+    ("busd idle RSS", "Idle memory"),
+)
+
+
+def run_control(args: argparse.Namespace) -> list[dict]:
+    """control.py as a command (its functions change with busd); its table read."""
+    command = [sys.executable, str(BENCH / "control.py")]
+    if args.quick:
+        command.append("--quick")
+    elif args.write:
+        command.append("--write")
+    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    print(done.stdout, flush=True)
+    rows, notes, in_table = [], {}, False
+    for line in done.stdout.splitlines():
+        if line.startswith("| target | measured | goal | met |"):
+            in_table = True
+        elif in_table and line.startswith("|") and not line.startswith("|---"):
+            figure, measured, goal, met = (
+                c.strip() for c in line.strip("|").split("|")
+            )
+            rows.append(
+                {
+                    "figure": figure,
+                    "measured": measured,
+                    "goal": goal,
+                    "met": met == "yes",
+                    "limits": "",
+                }
+            )
+        elif in_table and not line.startswith("|"):
+            in_table = False
+        if line.startswith("- **") and "**: " in line:
+            title, _, text = line[4:].partition("**: ")
+            notes[title] = text.rstrip(".")
+    for row in rows:
+        for prefix, title in CONTROL_NOTES:
+            if row["figure"].startswith(prefix) and not row["met"]:
+                row["limits"] = notes.get(title, "")
+    return rows
+
+
+def peers_python() -> str:
+    python = PEERS / "bin" / "python"
+    probe = subprocess.run(
+        [str(python), "-c", "import circus, psutil, supervisor"], capture_output=True
+    )
+    return str(python) if probe.returncode == 0 else sys.executable
+
+
+# -- leftovers -------------------------------------------------------------------
+
+
+def leftovers(before: set[int]) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "name"]):
+        if proc.pid in before or proc.pid == os.getpid():
+            continue
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
+        if any(mark in text for mark in MARKS):
+            found.append(proc)
+    return found
+
+
+# -- the summary -----------------------------------------------------------------
+
+
+def summary(
+    host: str,
+    steps: dict[str, tuple[float, list[dict]]],
+    notes: list[str],
+    command: str,
+) -> str:
+    total = sum(seconds for seconds, _rows in steps.values())
+    rows = [(step, row) for step, (_s, rs) in steps.items() for row in rs]
+    missed = [(step, row) for step, row in rows if not row["met"]]
+    out = [
+        SUMMARY,
+        "",
+        f"Machine: {host}.  ",
+        f"Date: {now()}.  ",
+        f"Command: `{command}`, {total / 60:.1f} min in all ("
+        + ", ".join(f"{step} {s:.0f} s" for step, (s, _r) in steps.items())
+        + ").  ",
+        "Set-up: " + "; ".join(notes) + ".",
+        "",
+        f"**{len(missed)} of {len(rows)} targets missed.**",
+        "",
+        "| step | target | measured | goal | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for step, row in rows:
+        met = "yes" if row["met"] else "**no**"
+        out.append(
+            f"| {step} | {row['figure']} | {row['measured']} | {row['goal']} | {met} |"
+        )
+    if missed:
+        out += ["", "### What limits each missed figure", ""]
+        for step, row in missed:
+            limits = row["limits"] or "see the section below"
+            out.append(
+                f"- **{row['figure']}** ({row['measured']}, goal {row['goal']}; "
+                f"{step}): {limits}."
+            )
+    return "\n".join(out) + "\n"
+
+
+def write_summary(text: str) -> None:
+    results = BENCH / "RESULTS.md"
+    old = results.read_text() if results.exists() else "# Benchmark results\n"
+    if SUMMARY + "\n" in old:
+        write_section(SUMMARY, text, results)
+        return
+    head, _, rest = old.partition("\n")
+    results.write_text(head + "\n\n" + text + "\n" + rest.lstrip("\n"))
+
+
+START = time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test, no peers")
+    parser.add_argument("--write", action="store_true", help="update RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.quick and args.write:
+        parser.error("--quick figures are not for RESULTS.md")
+    before = set(psutil.pids())
+    notes = []
+    if not args.quick:
+        notes.append(ensure_peer_venv())
+        notes.append(ensure_redis())
+    else:
+        notes.append("--quick: no peers")
+    host = machine()
+    fleet_python = sys.executable if args.quick else peers_python()
+    plan = [
+        ("Bus.publish", lambda: run_script("bus_publish.py", args)),
+        ("control plane", lambda: run_control(args)),
+        ("throughput", lambda: run_script("throughput.py", args)),
+        ("start/stop + memory", lambda: run_script("fleet.py", args, fleet_python)),
+        ("idle clients", lambda: run_script("scaling.py", args)),
+    ]
+    steps: dict[str, tuple[float, list[dict]]] = {}
+    status = 0
+    try:
+        for name, step in plan:
+            log(f"{name} ...")
+            start = time.perf_counter()
+            rows = step()
+            steps[name] = (time.perf_counter() - start, rows)
+            log(f"{name}: {steps[name][0]:.1f} s")
+    finally:
+        left = leftovers(before)
+        for proc in left:
+            log(f"left running: PID {proc.pid} {proc.info['cmdline']}; ending it")
+            status = 1
+        _gone, alive = psutil.wait_procs(
+            [p for p in left if not p.terminate()], timeout=5
+        )
+        for proc in alive:
+            proc.kill()
+    command = "bench/run" + (" --quick" if args.quick else "")
+    command += " --write" if args.write else ""
+    text = summary(host, steps, notes, command)
+    print("\n" + text)
+    if args.write:
+        write_summary(text)
+        log(f"updated {BENCH / 'RESULTS.md'}")
+    if status == 0:
+        log("no benchmark process left running")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
