@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         if error.code == "permission_denied":
             return _fail(f"{error.message}; ask an admin for access", EX_NOPERM)
         if error.code == "busy":
-            return _fail(f"{error.message}; try again later", EX_TEMPFAIL)
+            advice = "" if "try again" in error.message else "; try again later"
+            return _fail(f"{error.message}{advice}", EX_TEMPFAIL)
         if error.code in ("bad_request", "unknown_op", "unknown_channel", "too_large"):
             return _fail(
                 error.message, EX_USAGE if error.code == "unknown_op" else EX_ERROR
