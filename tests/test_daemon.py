@@ -248,3 +248,30 @@ def test_raw_socket_sees_the_documented_frames(busd_daemon):
     raw.send({"id": "a", "op": "ping"})
     assert raw.receive() == {"id": "a", "ok": True, "result": "pong"}
     raw.close()
+
+
+def test_strict_channels_refuses_a_channel_no_broker_listens_on(start_busd):
+    from test_brokers import broker
+
+    daemon = start_busd(
+        "[busd]\nstrict_channels = true\n\n"
+        + broker("orders", "brokers_for_tests:Recorder")
+    )
+    with daemon.client() as client:
+        with pytest.raises(BusError) as info:
+            client.publish("typo", "BUY ABCD 10")
+        assert info.value.code == "unknown_channel"
+        assert "no broker listens on channel 'typo'" in info.value.message
+        assert (
+            client.call("publish", channel="main", message="ok", wait=True)["acked"]
+            == 1
+        )
+        state = client.state()
+    assert state["published"] == 1 and state["unrouted"] == 0
+    assert daemon.stop() == 0
+
+
+def test_unrouted_messages_are_counted_when_not_strict(busd_daemon):
+    with busd_daemon.client() as client:
+        assert client.publish("nobody", "hello")["brokers"] == 0
+        assert client.state()["unrouted"] == 1
