@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import inspect
 import itertools
 import logging
@@ -32,7 +33,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from busd.plugins.base import SimplePlugin
 from busd.protocol import (
@@ -101,10 +102,19 @@ class Op:
     """One control operation: its coroutine, the access it needs, and
     whether it answers with a stream of events after its result."""
 
-    # Returns the result, or an awaitable of it when the op must wait.
+    # Returns the result, or when the op must wait a Pending (answered from
+    # a done-callback) or another awaitable of it (answered by a task).
     handler: Callable[[RequestContext, dict[str, Any]], Any]
     access: str
     stream: bool = False
+
+
+class Pending(NamedTuple):
+    """An op's answer that comes later, without a Task: once ``future`` is
+    done, the answer is ``finish(future.result())`` (publish --wait)."""
+
+    future: asyncio.Future[Any]
+    finish: Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
@@ -244,6 +254,11 @@ class Connection(asyncio.Protocol):
         # Stream id -> cleanup callback, run when the stream ends.
         self.streams: dict[Any, Callable[[], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The futures of Pending answers (publish --wait), answered when done.
+        self._waiting: set[asyncio.Future[Any]] = set()
+        # Encoded frames for the client, written once per loop turn (_flush).
+        self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
         self._decoder = FrameDecoder(server.settings.max_frame)
         self._frame_timer: asyncio.TimerHandle | None = None
 
@@ -347,7 +362,14 @@ class Connection(asyncio.Protocol):
         except Exception:
             self._internal_error(request_id)
             return
-        if inspect.isawaitable(result):
+        if isinstance(result, Pending):
+            # Answered by a done-callback: no Task (and its loop turns) for
+            # each publish --wait.
+            self._waiting.add(result.future)
+            result.future.add_done_callback(
+                functools.partial(self._answer, request_id, result.finish)
+            )
+        elif inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(request_id, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -386,6 +408,25 @@ class Connection(asyncio.Protocol):
         else:
             self.send(ok_reply(request_id, result))
 
+    def _answer(
+        self,
+        request_id: Any,
+        finish: Callable[[Any], Any],
+        future: asyncio.Future[Any],
+    ) -> None:
+        """Answer a request whose op returned a Pending, as ``_finish`` would."""
+        self._waiting.discard(future)
+        if future.cancelled():  # the connection closed: nobody to answer
+            return
+        try:
+            result = finish(future.result())
+        except ProtocolError as error:
+            self.send(error_reply(_safe_id(request_id), error.code, error.message))
+        except Exception:
+            self._internal_error(request_id)
+        else:
+            self.send(ok_reply(request_id, result))
+
     def _internal_error(self, request_id: Any) -> None:
         incident = f"{os.getpid()}-{self.number}-{_safe_id(request_id)}"
         log.exception("Internal error %s in a request from %s", incident, self.peer)
@@ -413,8 +454,13 @@ class Connection(asyncio.Protocol):
             frame = encode_frame(
                 error_reply(message.get("id"), ErrorCode.INTERNAL, error.message)
             )
-        transport.write(frame)
-        waiting = transport.get_write_buffer_size()
+        # Answers leave in one write per loop turn (_flush), not one each: a
+        # window of publishes is answered by one send() per message.
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(frame)
+        self._outgoing_size += len(frame)
+        waiting = transport.get_write_buffer_size() + self._outgoing_size
         if waiting > self.server.settings.max_output:
             log.warning(
                 "Disconnecting client %s: it does not read its answers "
@@ -422,8 +468,21 @@ class Connection(asyncio.Protocol):
                 self.peer,
                 waiting,
             )
+            self._outgoing.clear()
+            self._outgoing_size = 0
             transport.abort()
             self.close()
+
+    def _flush(self) -> None:
+        """Write the answers and events queued this loop turn, joined."""
+        if not self._outgoing:
+            return
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        self._outgoing_size = 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def open_stream(self, stream_id: Any, cleanup: Callable[[], None]) -> None:
         """Register a stream so that ``cancel`` or a disconnect ends it."""
@@ -452,7 +511,10 @@ class Connection(asyncio.Protocol):
             self.end_stream(stream_id)
         for task in list(self._tasks):
             task.cancel()
+        for future in list(self._waiting):
+            future.cancel()
         if self.transport is not None:
+            self._flush()  # a refusal queued just now still goes out
             self.transport.close()
 
 

@@ -116,6 +116,8 @@ class Instance:
         self.nacked = 0
         self.last_exit: str | None = None
         self.inflight: dict[int, Delivery] = {}
+        # Encoded deliver frames waiting for this loop turn's write (_flush).
+        self._outgoing: list[bytes] = []
         self._backoff: asyncio.TimerHandle | None = None
         self._exited: asyncio.Event = asyncio.Event()
         self._exited.set()
@@ -217,6 +219,11 @@ class Instance:
             except ProtocolError as error:
                 log.error("%s: broken frame, stopping it: %s", self, error.message)
                 self._kill(signal.SIGKILL)
+                # Read on to the end: asyncio's Process.wait() returns only
+                # once every pipe is closed, so an unread stdout would leave
+                # the killed worker unreaped and its instance RUNNING.
+                while await process.stdout.read(1 << 16):
+                    pass
                 return
             for frame in frames:
                 if isinstance(frame, ProtocolError):
@@ -330,18 +337,34 @@ class Instance:
         delivery.attempts += 1
         delivery.sent_at = time.monotonic()
         self.inflight[delivery.id] = delivery
-        self.process.stdin.write(
-            encode_frame(
-                {
-                    "type": "deliver",
-                    "id": delivery.id,
-                    "channel": delivery.channel,
-                    "message": delivery.message,
-                    "redelivered": delivery.redelivered,
-                    "attempt": delivery.attempts,
-                }
-            )
+        frame = encode_frame(
+            {
+                "type": "deliver",
+                "id": delivery.id,
+                "channel": delivery.channel,
+                "message": delivery.message,
+                "redelivered": delivery.redelivered,
+                "attempt": delivery.attempts,
+            }
         )
+        # One pipe write per loop turn, not per message: a dispatch after a
+        # batch of acks hands out many messages at once.
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush, self.process)
+        self._outgoing.append(frame)
+
+    def _flush(self, process: asyncio.subprocess.Process | None = None) -> None:
+        """Write the deliveries queued this loop turn to ``process``'s stdin.
+
+        A process that is gone since gets nothing: its messages are in
+        ``inflight`` and go to another instance when its exit is seen.
+        """
+        frames, self._outgoing = self._outgoing, []
+        if process is None or process is not self.process or not frames:
+            return
+        assert process.stdin is not None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            process.stdin.write(b"".join(frames))
 
     def has_room(self) -> bool:
         """Whether this instance can take one more message now."""
@@ -370,6 +393,7 @@ class Instance:
             self.change_state(S.STOPPING)
             process = self.process
             if process is not None and process.stdin is not None:
+                self._flush(process)  # what was delivered goes before the stop
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     process.stdin.write(encode_frame({"type": "stop"}))
                     process.stdin.close()

@@ -1,10 +1,10 @@
 """The control ops busd answers: what each takes, checks and returns.
 
 Each op is a function ``op(ctx, args)`` run on the I/O loop; it returns its
-result, or a coroutine when it must wait (publish --wait, broker
-lifecycle). ``args`` are the request's keys besides ``id`` and ``op``.
-Arguments are checked before anything happens, and a wrong one is a
-``bad_request`` naming it. Ops that
+result, or when it must wait a coroutine (broker lifecycle) or a
+``Pending`` future (publish --wait, answered without a Task). ``args`` are
+the request's keys besides ``id`` and ``op``. Arguments are checked before
+anything happens, and a wrong one is a ``bad_request`` naming it. Ops that
 change the bus (``reload``, ``shutdown``) hand the change to the main
 thread and answer at once. The list, with examples, is docs/protocol.md.
 """
@@ -14,11 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from busd._version import __version__
-from busd.control import READ, WRITE, Op, RequestContext
+from busd.control import READ, WRITE, Op, Pending, RequestContext
 from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -71,15 +70,11 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             raise _bad("publish", "wait", "true or false", wait)
         result, acks = daemon.route(channel, args["message"], wait)
         if acks is not None:
-            return with_acks(result, acks)
+            # A Pending, not a coroutine: the connection answers it from the
+            # future's done-callback, so a publish --wait costs no Task.
+            return Pending(acks, lambda outcomes: {**result, **outcomes})
         elif wait:  # no broker on the channel: nothing to wait for
             result.update(acked=0, dead=0)
-        return result
-
-    async def with_acks(
-        result: dict[str, Any], acks: Awaitable[dict[str, int]]
-    ) -> dict[str, Any]:
-        result.update(await acks)
         return result
 
     def broker_target(op: str, args: dict[str, Any]) -> tuple[Any, int | None]:
