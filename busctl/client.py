@@ -310,7 +310,21 @@ class Client:
         except TimeoutError:
             raise Timeout("busd is not reading requests (send timed out)") from None
         except OSError as error:
+            # busd may have refused the connection (too many clients) and
+            # closed it before our request went out: its reason is still
+            # waiting in the socket, and says more than "broken pipe".
+            self._raise_refusal()
             raise DaemonUnavailable(f"lost the connection to busd: {error}") from None
+
+    def _raise_refusal(self) -> None:
+        """Raise busd's refusal if one was sent on this socket; else return."""
+        try:
+            self._sock.settimeout(0.5)
+            self._read_frames()
+        except BusError:
+            raise
+        except (ClientError, OSError):
+            return  # nothing readable: the caller reports the lost connection
 
     def _read_frames(self) -> None:
         try:

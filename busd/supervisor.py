@@ -375,7 +375,10 @@ class Supervisor(SimplePlugin):
             if isinstance(config.user, int)
             else pwd.getpwnam(config.user)
         )
-        groups = [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem]
+        # As initgroups(3) does: the primary group among the supplementary ones.
+        groups = [entry.pw_gid] + [
+            g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem
+        ]
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
 
     # -- reporting ------------------------------------------------------------------
