@@ -219,15 +219,6 @@ def parse_request(message: dict[str, Any]) -> tuple[int | str, str, dict[str, An
     return request_id, op, arguments
 
 
-def request_id_of(message: Any) -> int | str | None:
-    """Best-effort id of a (possibly malformed) request, for the error reply."""
-    if isinstance(message, dict):
-        request_id = message.get("id")
-        if isinstance(request_id, int | str) and not isinstance(request_id, bool):
-            return request_id
-    return None
-
-
 def ok_reply(request_id: int | str | None, result: Any = None) -> dict[str, Any]:
     """The answer to a request that succeeded."""
     return {"id": request_id, "ok": True, "result": result}

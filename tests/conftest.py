@@ -105,6 +105,22 @@ def answers(socket_path: str) -> bool:
         return False
 
 
+def busd_run(config: Path | str, socket_path: str, pidfile: str) -> list[str]:
+    """The command line of ``busd run`` with this interpreter and these paths."""
+    return [
+        sys.executable,
+        "-m",
+        "busd",
+        "run",
+        "--config",
+        str(config),
+        "--socket",
+        socket_path,
+        "--pidfile",
+        pidfile,
+    ]
+
+
 def start_daemon(
     directory: Path,
     config_text: str = "",
@@ -125,18 +141,7 @@ def start_daemon(
     pidfile = str(directory / "busd.pid")
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "busd",
-                "run",
-                "--config",
-                str(config),
-                "--socket",
-                socket_path,
-                "--pidfile",
-                pidfile,
-            ],
+            busd_run(config, socket_path, pidfile),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,

@@ -4,11 +4,10 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import RawConnection, wait_for
+from conftest import RawConnection, busd_run, wait_for
 
 from busctl.client import BusError, Client, DaemonUnavailable
 
@@ -147,18 +146,7 @@ def test_a_stale_socket_is_replaced(start_busd, tmp_path):
     assert os.path.exists(first.socket)  # a crash leaves it behind
     stale_socket = first.socket
     second = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "busd",
-            "run",
-            "--config",
-            str(first.config),
-            "--socket",
-            stale_socket,
-            "--pidfile",
-            first.pidfile,
-        ],
+        busd_run(first.config, stale_socket, first.pidfile),
         stderr=subprocess.PIPE,
     )
     try:
@@ -172,18 +160,7 @@ def test_a_stale_socket_is_replaced(start_busd, tmp_path):
 
 def test_a_second_daemon_on_the_same_pidfile_refuses(busd_daemon):
     other = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "busd",
-            "run",
-            "--config",
-            str(busd_daemon.config),
-            "--socket",
-            busd_daemon.socket + "2",
-            "--pidfile",
-            busd_daemon.pidfile,
-        ],
+        busd_run(busd_daemon.config, busd_daemon.socket + "2", busd_daemon.pidfile),
         capture_output=True,
         timeout=30,
     )
@@ -195,18 +172,7 @@ def test_a_second_daemon_on_the_same_pidfile_refuses(busd_daemon):
 
 def test_a_second_daemon_on_the_same_socket_refuses(busd_daemon):
     other = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "busd",
-            "run",
-            "--config",
-            str(busd_daemon.config),
-            "--socket",
-            busd_daemon.socket,
-            "--pidfile",
-            busd_daemon.pidfile + "2",
-        ],
+        busd_run(busd_daemon.config, busd_daemon.socket, busd_daemon.pidfile + "2"),
         capture_output=True,
         timeout=30,
     )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import busd_run, wait_for
 from test_brokers import broker, rows
 
 pytestmark = pytest.mark.reliability
@@ -81,10 +80,9 @@ def test_two_busd_started_at_once_exactly_one_runs(tmp_path):
     config = tmp_path / "busd.toml"
     config.write_text("")
     pidfile = str(tmp_path / "busd.pid")
-    command = [sys.executable, "-m", "busd", "run", "--config", str(config)]
     racers = [
         subprocess.Popen(
-            [*command, "--socket", str(tmp_path / f"{i}.sock"), "--pidfile", pidfile],
+            busd_run(config, str(tmp_path / f"{i}.sock"), pidfile),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import STARTUP_DEADLINE, answers
+from conftest import STARTUP_DEADLINE, answers, busd_run
 from test_brokers import broker, gone, records, wait_states
 
 from busctl.client import Client
@@ -103,16 +103,7 @@ def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
         NAMESPACE,
         "namespace",
         str(stash),
-        sys.executable,
-        "-m",
-        "busd",
-        "run",
-        "--config",
-        str(config),
-        "--socket",
-        socket_path,
-        "--pidfile",
-        pidfile,
+        *busd_run(config, socket_path, pidfile),
     ]
     with open(log, "wb") as output:
         busd = subprocess.Popen(
