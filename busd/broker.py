@@ -120,10 +120,12 @@ class Broker:
             else:
                 return  # every instance is busy or not running
 
-    def acked(self, delivery: Delivery) -> None:
-        """An instance acknowledged ``delivery``."""
-        self.acked_count += 1
-        self.supervisor.settled(self, delivery, "acked")
+    def acked(self, deliveries: list[Delivery]) -> None:
+        """An instance acknowledged ``deliveries`` (one ack frame)."""
+        self.acked_count += len(deliveries)
+        settled = self.supervisor.settled
+        for delivery in deliveries:
+            settled(self, delivery, "acked")
         self.dispatch()
 
     def nacked(self, instance: Instance, delivery: Delivery, error: str) -> None:

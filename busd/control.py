@@ -33,7 +33,7 @@ import struct
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from busd.plugins.base import SimplePlugin
 from busd.protocol import (
@@ -102,19 +102,55 @@ class Op:
     """One control operation: its coroutine, the access it needs, and
     whether it answers with a stream of events after its result."""
 
-    # Returns the result, or when the op must wait a Pending (answered from
-    # a done-callback) or another awaitable of it (answered by a task).
+    # Returns the result, or when the op must wait a Pending (answered when
+    # resolved) or an awaitable of it (answered by a task).
     handler: Callable[[RequestContext, dict[str, Any]], Any]
     access: str
     stream: bool = False
 
 
-class Pending(NamedTuple):
-    """An op's answer that comes later, without a Task: once ``future`` is
-    done, the answer is ``finish(future.result())`` (publish --wait)."""
+class Pending:
+    """An op's answer that comes later, without a Task or a future.
 
-    future: asyncio.Future[Any]
-    finish: Callable[[Any], Any]
+    The op returns it; the connection attaches its answering callback; the
+    code that finishes the work calls ``resolve(value)`` (publish --wait:
+    on the last broker's ack), and the client gets ``finish(value)``. A
+    connection that closes first cancels it, and ``resolve`` then does
+    nothing.
+    """
+
+    __slots__ = ("_answer", "_done", "_value", "finish")
+
+    def __init__(self, finish: Callable[[Any], Any] | None = None) -> None:
+        self.finish = finish
+        self._answer: Callable[[Pending, Any], None] | None = None
+        self._value: Any = None
+        self._done = False
+
+    def resolve(self, value: Any) -> None:
+        """The work is done: answer with ``finish(value)`` (once)."""
+        if self._done:
+            return
+        self._done = True
+        answer, self._answer = self._answer, None
+        if answer is None:
+            self._value = value  # resolved before attach(): answered then
+        else:
+            answer(self, value)
+
+    def attach(self, answer: Callable[[Pending, Any], None]) -> None:
+        """Have ``answer(self, value)`` called when resolved (now if it is)."""
+        if not self._done:
+            self._answer = answer
+        elif self._value is not None:
+            value, self._value = self._value, None
+            answer(self, value)
+
+    def cancel(self) -> None:
+        """Nobody waits any more: a later ``resolve`` does nothing."""
+        self._done = True
+        self._answer = None
+        self._value = None
 
 
 @dataclass(frozen=True)
@@ -254,8 +290,8 @@ class Connection(asyncio.Protocol):
         # Stream id -> cleanup callback, run when the stream ends.
         self.streams: dict[Any, Callable[[], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # The futures of Pending answers (publish --wait), answered when done.
-        self._waiting: set[asyncio.Future[Any]] = set()
+        # Answers that come later (publish --wait), cancelled on close.
+        self._waiting: set[Pending] = set()
         # Encoded frames for the client, written once per loop turn (_flush).
         self._outgoing: list[bytes] = []
         self._outgoing_size = 0
@@ -363,12 +399,9 @@ class Connection(asyncio.Protocol):
             self._internal_error(request_id)
             return
         if isinstance(result, Pending):
-            # Answered by a done-callback: no Task (and its loop turns) for
-            # each publish --wait.
-            self._waiting.add(result.future)
-            result.future.add_done_callback(
-                functools.partial(self._answer, request_id, result.finish)
-            )
+            # No Task (and its loop turns) for each publish --wait.
+            self._waiting.add(result)
+            result.attach(functools.partial(self._answer, request_id))
         elif inspect.isawaitable(result):
             task = asyncio.ensure_future(self._finish(request_id, result))
             self._tasks.add(task)
@@ -408,18 +441,11 @@ class Connection(asyncio.Protocol):
         else:
             self.send(ok_reply(request_id, result))
 
-    def _answer(
-        self,
-        request_id: Any,
-        finish: Callable[[Any], Any],
-        future: asyncio.Future[Any],
-    ) -> None:
+    def _answer(self, request_id: Any, pending: Pending, value: Any) -> None:
         """Answer a request whose op returned a Pending, as ``_finish`` would."""
-        self._waiting.discard(future)
-        if future.cancelled():  # the connection closed: nobody to answer
-            return
+        self._waiting.discard(pending)
         try:
-            result = finish(future.result())
+            result = value if pending.finish is None else pending.finish(value)
         except ProtocolError as error:
             self.send(error_reply(_safe_id(request_id), error.code, error.message))
         except Exception:
@@ -511,8 +537,8 @@ class Connection(asyncio.Protocol):
             self.end_stream(stream_id)
         for task in list(self._tasks):
             task.cancel()
-        for future in list(self._waiting):
-            future.cancel()
+        for pending in list(self._waiting):
+            pending.cancel()
         if self.transport is not None:
             self._flush()  # a refusal queued just now still goes out
             self.transport.close()

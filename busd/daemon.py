@@ -18,7 +18,6 @@ event followers) is touched only from that loop.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import grp
 import itertools
@@ -35,7 +34,7 @@ import psutil
 from busd._version import __version__
 from busd.bus import Bus, states
 from busd.config import Config, ConfigError, load_config
-from busd.control import AccessPolicy, ControlServer, ServerSettings
+from busd.control import AccessPolicy, ControlServer, Pending, ServerSettings
 from busd.logs import LogRing, bus_log_listener, setup_logging
 from busd.ops import build_ops
 from busd.plugins.pidfile import PIDFile
@@ -239,12 +238,12 @@ class Daemon:
 
     def route(
         self, channel: str, message: Any, wait: bool = False
-    ) -> tuple[dict[str, Any], asyncio.Future[dict[str, int]] | None]:
+    ) -> tuple[dict[str, Any], Pending | None]:
         """Accept ``message`` on ``channel``: queue it for every broker on the
         channel and hand it to the control clients subscribed to it.
 
-        Returns the ``publish`` result and, with ``wait``, a future for the
-        brokers' acks. Raises ``busy`` (a broker's queue is full) or, with
+        Returns the ``publish`` result and, with ``wait``, a Pending resolved
+        with the brokers' acks. Raises ``busy`` (a broker's queue is full) or, with
         ``strict_channels``, ``unknown_channel``.
         """
         if self.config.busd.strict_channels and channel not in self.supervisor.routes:

@@ -34,7 +34,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from busd.protocol import FrameDecoder, ProtocolError, encode_frame
@@ -75,22 +74,48 @@ ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
 }
 
 
-@dataclass(eq=False)
 class Delivery:
-    """One message on its way to one broker."""
+    """One message on its way to one broker.
 
-    id: int
-    channel: str
-    message: Any
-    attempts: int = 0
-    redelivered: bool = False
-    # Called once with "acked" or "dead" (publish --wait listens here).
-    on_settled: Callable[[str], None] | None = None
-    errors: list[str] = field(default_factory=list)
-    # When it was last handed to a worker (time.monotonic()), for ack_timeout.
-    sent_at: float = 0.0
-    # How many workers were killed for holding it past ack_timeout.
-    timeouts: int = 0
+    A plain class with slots, not a dataclass: one is made for every
+    message and broker, and this is the cheapest to build.
+    """
+
+    __slots__ = (
+        "attempts",
+        "channel",
+        "errors",
+        "id",
+        "message",
+        "on_settled",
+        "redelivered",
+        "sent_at",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        channel: str,
+        message: Any,
+        on_settled: Callable[[str], None] | None = None,
+        redelivered: bool = False,
+    ) -> None:
+        self.id = id
+        self.channel = channel
+        self.message = message
+        # Called once with "acked" or "dead" (publish --wait listens here).
+        self.on_settled = on_settled
+        self.redelivered = redelivered
+        self.attempts = 0
+        self.errors: list[str] = []
+        # When it was last handed to a worker (time.monotonic()), for ack_timeout.
+        self.sent_at = 0.0
+        # How many workers were killed for holding it past ack_timeout.
+        self.timeouts = 0
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.id}, {self.channel!r}, attempts={self.attempts})"
 
     def settle(self, outcome: str) -> None:
         """Report the final outcome to whoever waits for it."""
@@ -234,12 +259,25 @@ class Instance:
     def _handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "ack":
-            delivery = self.inflight.pop(frame.get("id"), None)
-            if delivery is not None:
-                self.acked += 1
-                self.broker.acked(delivery)
+            # One ack, or the acks of several messages in one frame ("ids").
+            ids = frame.get("ids")
+            if ids is None:
+                ids = (frame.get("id"),)
+            elif not isinstance(ids, list):
+                log.warning("%s: ignoring an ack whose 'ids' is not a list", self)
+                return
+            inflight = self.inflight
+            done = [inflight.pop(i) for i in ids if type(i) is int and i in inflight]
+            if done:
+                self.acked += len(done)
+                self.broker.acked(done)
         elif kind == "nack":
-            delivery = self.inflight.pop(frame.get("id"), None)
+            delivery_id = frame.get("id")
+            delivery = (
+                self.inflight.pop(delivery_id)
+                if type(delivery_id) is int and delivery_id in self.inflight
+                else None
+            )
             if delivery is not None:
                 self.nacked += 1
                 self.broker.nacked(self, delivery, str(frame.get("error", "")))

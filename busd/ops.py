@@ -2,7 +2,7 @@
 
 Each op is a function ``op(ctx, args)`` run on the I/O loop; it returns its
 result, or when it must wait a coroutine (broker lifecycle) or a
-``Pending`` future (publish --wait, answered without a Task). ``args`` are
+``Pending`` (publish --wait, answered without a Task). ``args`` are
 the request's keys besides ``id`` and ``op``. Arguments are checked before
 anything happens, and a wrong one is a ``bad_request`` naming it. Ops that
 change the bus (``reload``, ``shutdown``) hand the change to the main
@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from busd._version import __version__
-from busd.control import READ, WRITE, Op, Pending, RequestContext
+from busd.control import READ, WRITE, Op, RequestContext
 from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
@@ -70,9 +70,10 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
             raise _bad("publish", "wait", "true or false", wait)
         result, acks = daemon.route(channel, args["message"], wait)
         if acks is not None:
-            # A Pending, not a coroutine: the connection answers it from the
-            # future's done-callback, so a publish --wait costs no Task.
-            return Pending(acks, lambda outcomes: {**result, **outcomes})
+            # A Pending, not a coroutine: answered on the last ack, with no
+            # Task for each publish --wait.
+            acks.finish = lambda outcomes: {**result, **outcomes}
+            return acks
         elif wait:  # no broker on the channel: nothing to wait for
             result.update(acked=0, dead=0)
         return result

@@ -29,6 +29,7 @@ import psutil
 import busd
 from busd.broker import DEAD_CHANNEL, Broker
 from busd.config import BrokerConfig, Config
+from busd.control import Pending
 from busd.instance import Delivery, Instance, InstanceState
 from busd.plugins.base import SimplePlugin
 from busd.protocol import ErrorCode, ProtocolError
@@ -282,10 +283,10 @@ class Supervisor(SimplePlugin):
 
     def publish(
         self, message_id: int, channel: str, message: Any, wait: bool = False
-    ) -> tuple[int, asyncio.Future[dict[str, int]] | None]:
+    ) -> tuple[int, Pending | None]:
         """Queue ``message`` for every broker on ``channel``.
 
-        Returns how many brokers took it and, with ``wait``, a future that
+        Returns how many brokers took it and, with ``wait``, a Pending that
         resolves to ``{"acked": n, "dead": m}`` once every broker settled it.
         Raises ``busy`` when any of those brokers' queues is full: then no
         broker gets it, so a retry does not duplicate it.
@@ -307,20 +308,21 @@ class Supervisor(SimplePlugin):
                 raise ProtocolError(
                     ErrorCode.BUSY, f"{error}; the message was not accepted"
                 ) from None
-        future: asyncio.Future[dict[str, int]] | None = None
+        pending: Pending | None = None
         on_settled = None
         if wait and brokers:
-            future = asyncio.get_running_loop().create_future()
+            pending = Pending()
             outcomes = {"acked": 0, "dead": 0}
+            expected = len(brokers)
 
             def on_settled(outcome: str) -> None:
                 outcomes[outcome] += 1
-                if sum(outcomes.values()) == len(brokers) and not future.done():
-                    future.set_result(outcomes)
+                if outcomes["acked"] + outcomes["dead"] == expected:
+                    pending.resolve(outcomes)
 
         for broker in brokers:
-            broker.accept(Delivery(message_id, channel, message, on_settled=on_settled))
-        return len(brokers), future
+            broker.accept(Delivery(message_id, channel, message, on_settled))
+        return len(brokers), pending
 
     def settled(self, broker: Broker, delivery: Delivery, outcome: str) -> None:
         """``broker`` is done with ``delivery`` ("acked" or "dead")."""

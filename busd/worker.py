@@ -38,11 +38,16 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, BinaryIO
 
 from busd.bus import Bus, ChannelFailures
 from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+
+# Acks of messages handled one after the other are written together, in
+# one frame, but none waits longer than this for the ones after it.
+ACK_DELAY = 0.002
 
 # Frames from busd are at most this large (busd's own max_frame applies to
 # what clients publish; a worker gets those messages and a small envelope).
@@ -155,6 +160,9 @@ class Worker:
         # The handlers only record; the loop below notices through the
         # wake-up pipe and exits the bus on the main thread.
         self._signalled: list[int] = []
+        # Ids handled since the last ack frame, and when the first was.
+        self._acks: list[int] = []
+        self._acks_since = 0.0
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda number, frame: self._signalled.append(number))
 
@@ -181,9 +189,14 @@ class Worker:
                 data = os.read(stdin, 1 << 16)
                 if not data:
                     break  # busd closed our stdin: it is gone or done with us
-                for frame in decoder.feed(data):
-                    if isinstance(frame, ProtocolError) or not self._handle(frame):
-                        return self._finish()
+                try:
+                    for frame in decoder.feed(data):
+                        if isinstance(frame, ProtocolError) or not self._handle(frame):
+                            self._send_acks()
+                            return self._finish()
+                finally:
+                    # What came in one read is acknowledged in one write.
+                    self._send_acks()
         except ProtocolError as error:
             self._log(f"broken frame from busd: {error.message}", logging.ERROR)
         return self._finish()
@@ -197,6 +210,7 @@ class Worker:
             self._log(f"ignoring a frame of unknown type {kind!r}", logging.WARNING)
             return True
         self.bus.delivery = frame
+        started = time.monotonic()
         try:
             self.bus.publish(frame["channel"], frame["message"])
         except ChannelFailures as failures:
@@ -204,12 +218,40 @@ class Worker:
                 "".join(traceback.format_exception_only(e)).strip()
                 for e in failures.get_instances()
             )
+            self._send_acks()
             self.uplink.send({"type": "nack", "id": frame["id"], "error": errors})
         else:
-            self.uplink.send({"type": "ack", "id": frame["id"]})
+            self._ack(frame["id"], started)
         finally:
             self.bus.delivery = None
         return True
+
+    def _ack(self, delivery_id: int, started: float) -> None:
+        """Acknowledge a message: now, or with the next ones of this read.
+
+        One frame and one write for a run of quick messages saves busd and
+        this process a wake-up each. A message whose handler took
+        ``ACK_DELAY`` or more is acknowledged at once, and so is any ack
+        that has waited that long; a quick one may wait for the handler of
+        the next message of the same read. A worker killed before it wrote
+        its acks has those messages delivered again, flagged
+        ``redelivered`` (at-least-once).
+        """
+        now = time.monotonic()
+        if not self._acks:
+            self._acks_since = now
+        self._acks.append(delivery_id)
+        if now - min(started, self._acks_since) >= ACK_DELAY:
+            self._send_acks()
+
+    def _send_acks(self) -> None:
+        if not self._acks:
+            return
+        ids, self._acks = self._acks, []
+        if len(ids) == 1:
+            self.uplink.send({"type": "ack", "id": ids[0]})
+        else:
+            self.uplink.send({"type": "ack", "ids": ids})
 
     def _finish(self) -> int:
         self.bus.exit()

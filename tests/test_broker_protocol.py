@@ -56,6 +56,34 @@ sys.stdin.buffer.read()
 """
 
 
+# A broker that answers each read's deliveries with one "ids" ack, after
+# two acks busd must ignore (and log) without losing its footing.
+BATCHER = """
+import os, struct, sys
+import msgpack
+def send(frame):
+    body = msgpack.packb(frame)
+    sys.stdout.buffer.write(struct.pack(">I", len(body)) + body)
+    sys.stdout.buffer.flush()
+send({"type": "ready", "pid": os.getpid()})
+unpacker = msgpack.Unpacker()
+buffer = b""
+while data := os.read(0, 1 << 16):
+    buffer += data
+    ids = []
+    while len(buffer) >= 4 and len(buffer) >= 4 + struct.unpack(">I", buffer[:4])[0]:
+        size = struct.unpack(">I", buffer[:4])[0]
+        frame = msgpack.unpackb(buffer[4 : 4 + size])
+        buffer = buffer[4 + size :]
+        if frame["type"] == "stop":
+            sys.exit(0)
+        ids.append(frame["id"])
+    send({"type": "ack", "ids": "all of them"})
+    send({"type": "ack", "ids": [[1], "x", None, True, 10**12]})
+    send({"type": "ack", "ids": ids})
+"""
+
+
 # busd runs every broker as ``python -m busd.worker --exec -- ...``; with a
 # command broker busd adds nothing to PYTHONPATH, so the worker must come
 # from the working tree under test, not from whatever busd .venv holds.
@@ -199,6 +227,23 @@ def test_busd_gives_a_broker_its_environment_and_parent_death_signal(
     stop_and_check(daemon, [pid])
 
 
+def test_a_broker_may_ack_several_messages_in_one_frame(
+    start_busd: Callable[..., RunningDaemon],
+) -> None:
+    daemon = start_busd(
+        config_text(batcher=[sys.executable, "-c", BATCHER]), env=WORKING_TREE
+    )
+    pid = instance_pid(daemon, "batcher")
+    with daemon.client() as client:
+        results = client.publish_many("main", range(500), window=200, wait=True)
+        broker = client.state()["brokers"]["batcher"]
+    assert [(r["acked"], r["dead"]) for r in results] == [(1, 0)] * 500
+    assert (broker["acked"], broker["instances"][0]["inflight"]) == (500, 0)
+    log = daemon.log_text()
+    assert "ignoring an ack whose 'ids' is not a list" in log, log
+    stop_and_check(daemon, [pid])
+
+
 # -- busd.worker by hand: the protocol frame by frame --------------------------
 
 
@@ -219,6 +264,12 @@ class Pipes:
     def send(self, frame: dict[str, Any]) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(encode_frame(frame))
+        self.process.stdin.flush()
+
+    def send_many(self, frames: list[dict[str, Any]]) -> None:
+        """Write several frames at once, so that the broker reads them together."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"".join(encode_frame(f) for f in frames))
         self.process.stdin.flush()
 
     def receive(self) -> dict[str, Any]:
@@ -290,6 +341,12 @@ def test_worker_speaks_the_protocol_frame_by_frame(
     nack = worker.receive()
     assert (nack["type"], nack["id"]) == ("nack", 2)
     assert nack["error"].startswith("ValueError: not an order"), nack
+
+    # Quick messages that arrive in one read are acknowledged in one frame.
+    worker.send_many(
+        [{**deliver, "id": n, "message": f"SELL ABCD {n}"} for n in (3, 4, 5)]
+    )
+    assert worker.receive() == {"type": "ack", "ids": [3, 4, 5]}
 
     worker.send({"type": "stop"})
     status, stderr = worker.finish()
