@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
-import inspect
 import itertools
 import logging
 import os
@@ -32,15 +30,15 @@ import stat
 import struct
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from busd.plugins.base import SimplePlugin
 from busd.protocol import (
     ErrorCode,
     FrameDecoder,
+    FrameEncoder,
     ProtocolError,
-    encode_frame,
     error_reply,
     ok_reply,
     parse_request,
@@ -103,7 +101,7 @@ class Op:
     whether it answers with a stream of events after its result."""
 
     # Returns the result, or when the op must wait a Pending (answered when
-    # resolved) or an awaitable of it (answered by a task).
+    # resolved) or a coroutine (answered by a task).
     handler: Callable[[RequestContext, dict[str, Any]], Any]
     access: str
     stream: bool = False
@@ -112,18 +110,18 @@ class Op:
 class Pending:
     """An op's answer that comes later, without a Task or a future.
 
-    The op returns it; the connection attaches its answering callback; the
-    code that finishes the work calls ``resolve(value)`` (publish --wait:
-    on the last broker's ack), and the client gets ``finish(value)``. A
-    connection that closes first cancels it, and ``resolve`` then does
-    nothing.
+    The op returns it; the connection attaches itself; the code that
+    finishes the work calls ``resolve(value)`` (publish --wait: on the last
+    broker's ack), and the client gets ``finish(value)``. A connection
+    that closes first cancels it, and ``resolve`` then does nothing.
     """
 
-    __slots__ = ("_answer", "_done", "_value", "finish")
+    __slots__ = ("_connection", "_done", "_request_id", "_value", "finish")
 
     def __init__(self, finish: Callable[[Any], Any] | None = None) -> None:
         self.finish = finish
-        self._answer: Callable[[Pending, Any], None] | None = None
+        self._connection: Connection | None = None
+        self._request_id: Any = None
         self._value: Any = None
         self._done = False
 
@@ -132,24 +130,22 @@ class Pending:
         if self._done:
             return
         self._done = True
-        answer, self._answer = self._answer, None
-        if answer is None:
+        if self._connection is None:
             self._value = value  # resolved before attach(): answered then
         else:
-            answer(self, value)
+            self._connection.answer_later(self, self._request_id, value)
 
-    def attach(self, answer: Callable[[Pending, Any], None]) -> None:
-        """Have ``answer(self, value)`` called when resolved (now if it is)."""
-        if not self._done:
-            self._answer = answer
-        elif self._value is not None:
+    def attach(self, connection: Connection, request_id: Any) -> None:
+        """Answer request ``request_id`` on ``connection`` when resolved."""
+        self._connection, self._request_id = connection, request_id
+        if self._done and self._value is not None:
             value, self._value = self._value, None
-            answer(self, value)
+            connection.answer_later(self, request_id, value)
 
     def cancel(self) -> None:
         """Nobody waits any more: a later ``resolve`` does nothing."""
         self._done = True
-        self._answer = None
+        self._connection = None
         self._value = None
 
 
@@ -188,6 +184,8 @@ class ControlServer(SimplePlugin):
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ids = itertools.count(1)
+        #: Encodes every frame sent to clients (on the I/O loop only).
+        self.encode = FrameEncoder()
 
     # -- bus listeners -----------------------------------------------------
 
@@ -295,6 +293,11 @@ class Connection(asyncio.Protocol):
         # Encoded frames for the client, written once per loop turn (_flush).
         self._outgoing: list[bytes] = []
         self._outgoing_size = 0
+        # Bytes the transport had not sent yet after the last write.
+        self._unsent = 0
+        # What the access policy allows this peer (see _may).
+        self._policy: AccessPolicy | None = None
+        self._allowed: dict[str, bool] = {}
         self._decoder = FrameDecoder(server.settings.max_frame)
         self._frame_timer: asyncio.TimerHandle | None = None
 
@@ -384,8 +387,9 @@ class Connection(asyncio.Protocol):
 
         Most ops finish without waiting (ping, state, a publish); running
         them inline saves a task and a loop turn per request, and keeps
-        answers in request order. An op that returns an awaitable (publish
-        --wait, broker lifecycle) is finished by a task meanwhile.
+        answers in request order. An op that returns a Pending (publish
+        --wait) is answered when it resolves; one that returns a coroutine
+        (broker lifecycle) is finished by a task meanwhile.
         """
         request_id = message.get("id")
         try:
@@ -401,8 +405,8 @@ class Connection(asyncio.Protocol):
         if isinstance(result, Pending):
             # No Task (and its loop turns) for each publish --wait.
             self._waiting.add(result)
-            result.attach(functools.partial(self._answer, request_id))
-        elif inspect.isawaitable(result):
+            result.attach(self, request_id)
+        elif asyncio.iscoroutine(result):
             task = asyncio.ensure_future(self._finish(request_id, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -417,7 +421,7 @@ class Connection(asyncio.Protocol):
             raise ProtocolError(
                 ErrorCode.UNKNOWN_OP, f"unknown op {op_name!r} (known: {known})"
             )
-        if not self.server.policy.allows(self.peer, op.access):
+        if not self._may(op.access):
             log.warning("Refused %r to client %s", op_name, self.peer)
             raise ProtocolError(
                 ErrorCode.PERMISSION_DENIED,
@@ -428,6 +432,20 @@ class Connection(asyncio.Protocol):
                 ErrorCode.BAD_REQUEST, f"a stream with id {request_id!r} is open"
             )
         return op
+
+    def _may(self, level: str) -> bool:
+        """Whether this peer may run ops of ``level``, under today's policy.
+
+        Worked out once per policy (a reload brings a new one), not once
+        per request: the peer does not change.
+        """
+        policy = self.server.policy
+        if policy is not self._policy:
+            self._policy = policy
+            self._allowed = {
+                lvl: policy.allows(self.peer, lvl) for lvl in (READ, WRITE)
+            }
+        return self._allowed[level]
 
     async def _finish(self, request_id: Any, pending: Awaitable[Any]) -> None:
         try:
@@ -441,7 +459,7 @@ class Connection(asyncio.Protocol):
         else:
             self.send(ok_reply(request_id, result))
 
-    def _answer(self, request_id: Any, pending: Pending, value: Any) -> None:
+    def answer_later(self, pending: Pending, request_id: Any, value: Any) -> None:
         """Answer a request whose op returned a Pending, as ``_finish`` would."""
         self._waiting.discard(pending)
         try:
@@ -466,18 +484,14 @@ class Connection(asyncio.Protocol):
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue ``message`` for the client; cut off a client that never reads."""
-        transport = self.transport
-        if self.closed or transport is None or transport.is_closing():
-            # The client is gone and connection_lost has not come yet:
-            # writing would only make asyncio log "socket.send() raised
-            # exception."
+        if self.closed or self.transport is None:
             return
         try:
-            frame = encode_frame(message)
+            frame = self.server.encode(message)
         except ProtocolError as error:
             # Only a bug can get here: ops return msgpack-able results.
             log.error("Cannot encode an answer to %s: %s", self.peer, error.message)
-            frame = encode_frame(
+            frame = self.server.encode(
                 error_reply(message.get("id"), ErrorCode.INTERNAL, error.message)
             )
         # Answers leave in one write per loop turn (_flush), not one each: a
@@ -486,17 +500,17 @@ class Connection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing.append(frame)
         self._outgoing_size += len(frame)
-        waiting = transport.get_write_buffer_size() + self._outgoing_size
-        if waiting > self.server.settings.max_output:
+        # What the socket still holds is asked once per write (_flush).
+        if self._outgoing_size + self._unsent > self.server.settings.max_output:
             log.warning(
                 "Disconnecting client %s: it does not read its answers "
                 "(%d bytes waiting)",
                 self.peer,
-                waiting,
+                self._outgoing_size + self._unsent,
             )
             self._outgoing.clear()
             self._outgoing_size = 0
-            transport.abort()
+            self.transport.abort()
             self.close()
 
     def _flush(self) -> None:
@@ -508,7 +522,11 @@ class Connection(asyncio.Protocol):
         self._outgoing_size = 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            # The client is gone and connection_lost has not come yet:
+            # writing would only make asyncio log "socket.send() raised
+            # exception."
             transport.write(data)
+            self._unsent = transport.get_write_buffer_size()
 
     def open_stream(self, stream_id: Any, cleanup: Callable[[], None]) -> None:
         """Register a stream so that ``cancel`` or a disconnect ends it."""
@@ -544,13 +562,14 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
-@dataclass
 class RequestContext:
     """What an op handler gets besides its arguments."""
 
-    connection: Connection
-    request_id: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("connection", "request_id")
+
+    def __init__(self, connection: Connection, request_id: Any) -> None:
+        self.connection = connection
+        self.request_id = request_id
 
     @property
     def peer(self) -> Peer:

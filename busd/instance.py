@@ -143,6 +143,7 @@ class Instance:
         self.inflight: dict[int, Delivery] = {}
         # Encoded deliver frames waiting for this loop turn's write (_flush).
         self._outgoing: list[bytes] = []
+        self._encode = broker.supervisor.encode
         self._backoff: asyncio.TimerHandle | None = None
         self._exited: asyncio.Event = asyncio.Event()
         self._exited.set()
@@ -375,7 +376,7 @@ class Instance:
         delivery.attempts += 1
         delivery.sent_at = time.monotonic()
         self.inflight[delivery.id] = delivery
-        frame = encode_frame(
+        frame = self._encode(
             {
                 "type": "deliver",
                 "id": delivery.id,

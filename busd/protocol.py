@@ -34,6 +34,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "ErrorCode",
     "FrameDecoder",
+    "FrameEncoder",
     "ProtocolError",
     "encode_frame",
     "error_reply",
@@ -89,8 +90,29 @@ def encode_frame(message: Any, max_frame: int | None = None) -> bytes:
     ``bad_request`` when a value has no msgpack form (an int over 64 bits,
     an arbitrary object).
     """
+    return _frame(msgpack.packb, message, max_frame)
+
+
+class FrameEncoder:
+    """``encode_frame`` with a msgpack Packer of its own, built once.
+
+    Twice as quick as ``encode_frame`` for small frames (which builds a
+    Packer per call), for the hot paths; a Packer is not thread-safe, so
+    each encoder belongs to one thread (busd's I/O loop, say).
+    """
+
+    def __init__(self, max_frame: int | None = None) -> None:
+        self.max_frame = max_frame
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def __call__(self, message: Any) -> bytes:
+        """One frame holding ``message``; raises as ``encode_frame``."""
+        return _frame(self._pack, message, self.max_frame)
+
+
+def _frame(pack: Any, message: Any, max_frame: int | None) -> bytes:
     try:
-        body = msgpack.packb(message, use_bin_type=True)
+        body = pack(message)
     except (TypeError, ValueError, OverflowError) as error:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"message cannot be encoded as msgpack ({error})"
@@ -103,7 +125,7 @@ def encode_frame(message: Any, max_frame: int | None = None) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> dict[str, Any]:
+def decode_body(body: bytes | bytearray) -> dict[str, Any]:
     """Unpack one frame body, which must be a msgpack map with string keys."""
     try:
         message = msgpack.unpackb(body, raw=False)
@@ -163,33 +185,41 @@ class FrameDecoder:
         caller can answer it and go on with the next frame. Fatal errors
         (oversized frame) are raised.
         """
-        self._buffer += data
+        buffer = self._buffer
+        buffer += data
         messages: list[dict[str, Any] | ProtocolError] = []
-        while True:
-            if self._body_length is None:
-                if len(self._buffer) < HEADER.size:
+        # Walk the frames with an offset and trim the buffer once at the
+        # end: cutting each frame off the front would copy what follows.
+        start, end = 0, len(buffer)
+        try:
+            while True:
+                length = self._body_length
+                if length is None:
+                    if end - start < HEADER.size:
+                        return messages
+                    (length,) = HEADER.unpack_from(buffer, start)
+                    if length > self.max_frame:
+                        raise ProtocolError(
+                            ErrorCode.TOO_LARGE,
+                            f"frame of {length} bytes is over the maximum of "
+                            f"{self.max_frame} bytes",
+                            fatal=True,
+                        )
+                    start += HEADER.size
+                    self._body_length = length
+                if end - start < length:
                     return messages
-                (length,) = HEADER.unpack_from(self._buffer)
-                if length > self.max_frame:
-                    raise ProtocolError(
-                        ErrorCode.TOO_LARGE,
-                        f"frame of {length} bytes is over the maximum of "
-                        f"{self.max_frame} bytes",
-                        fatal=True,
-                    )
-                del self._buffer[: HEADER.size]
-                self._body_length = length
-            if len(self._buffer) < self._body_length:
-                return messages
-            body = bytes(self._buffer[: self._body_length])
-            del self._buffer[: self._body_length]
-            self._body_length = None
-            try:
-                messages.append(decode_body(body))
-            except ProtocolError as error:
-                if error.fatal:
-                    raise
-                messages.append(error)
+                body = buffer[start : start + length]
+                start += length
+                self._body_length = None
+                try:
+                    messages.append(decode_body(body))
+                except ProtocolError as error:
+                    if error.fatal:
+                        raise
+                    messages.append(error)
+        finally:
+            del buffer[:start]
 
 
 def parse_request(message: dict[str, Any]) -> tuple[int | str, str, dict[str, Any]]:
@@ -215,7 +245,8 @@ def parse_request(message: dict[str, Any]) -> tuple[int | str, str, dict[str, An
             ErrorCode.BAD_REQUEST,
             f"request 'op' must be a non-empty string, got {_type(op)}",
         )
-    arguments = {k: v for k, v in message.items() if k not in ("id", "op")}
+    arguments = message.copy()
+    del arguments["id"], arguments["op"]
     return request_id, op, arguments
 
 

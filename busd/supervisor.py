@@ -32,7 +32,7 @@ from busd.config import BrokerConfig, Config
 from busd.control import Pending
 from busd.instance import Delivery, Instance, InstanceState
 from busd.plugins.base import SimplePlugin
-from busd.protocol import ErrorCode, ProtocolError
+from busd.protocol import ErrorCode, FrameEncoder, ProtocolError
 from busd.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class Supervisor(SimplePlugin):
         self._ps: dict[int, psutil.Process] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.spool: Spool | None = None
+        #: Encodes the frames sent to workers (on the I/O loop only).
+        self.encode = FrameEncoder()
         self._ack_watch: asyncio.Task[Any] | None = None
 
     # -- bus listeners (main thread) ---------------------------------------------

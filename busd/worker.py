@@ -43,7 +43,7 @@ import traceback
 from typing import Any, BinaryIO
 
 from busd.bus import Bus, ChannelFailures
-from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+from busd.protocol import FrameDecoder, FrameEncoder, ProtocolError
 
 # Acks of messages handled one after the other are written together, in
 # one frame, but none waits longer than this for the ones after it.
@@ -81,12 +81,12 @@ class Uplink:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        self._encode = FrameEncoder()  # used under the lock only
 
     def send(self, frame: dict[str, Any]) -> None:
         """Write one frame and flush it."""
-        data = encode_frame(frame)
         with self._lock:
-            self._stream.write(data)
+            self._stream.write(self._encode(frame))
             self._stream.flush()
 
 
