@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from busd.outbox import Outbox
 from busd.plugins.base import SimplePlugin
 from busd.protocol import (
     ErrorCode,
@@ -186,6 +187,8 @@ class ControlServer(SimplePlugin):
         self._ids = itertools.count(1)
         #: Encodes every frame sent to clients (on the I/O loop only).
         self.encode = FrameEncoder()
+        #: Gathers the writes of each loop turn (clients and workers).
+        self.outbox: Outbox | None = None
 
     # -- bus listeners -----------------------------------------------------
 
@@ -193,6 +196,7 @@ class ControlServer(SimplePlugin):
         """Bind the socket and start serving on the I/O thread."""
         self._listener = bind_unix_socket(self.settings)
         self.loop = asyncio.new_event_loop()
+        self.outbox = Outbox(self.loop)
         ready = threading.Event()
         self._thread = threading.Thread(
             target=self._run_loop, args=(ready,), name="busd-io", daemon=True
@@ -290,7 +294,7 @@ class Connection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         # Answers that come later (publish --wait), cancelled on close.
         self._waiting: set[Pending] = set()
-        # Encoded frames for the client, written once per loop turn (_flush).
+        # Encoded frames for the client, written by the outbox (write_queued).
         self._outgoing: list[bytes] = []
         self._outgoing_size = 0
         # Bytes the transport had not sent yet after the last write.
@@ -299,6 +303,8 @@ class Connection(asyncio.Protocol):
         self._policy: AccessPolicy | None = None
         self._allowed: dict[str, bool] = {}
         self._decoder = FrameDecoder(server.settings.max_frame)
+        assert server.outbox is not None, "the server is not started"
+        self.outbox = server.outbox
         self._frame_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------
@@ -331,13 +337,15 @@ class Connection(asyncio.Protocol):
         except ProtocolError as error:  # fatal: the byte stream is lost
             self._refuse(error)
             return
-        for message in messages:
-            if self.closed:  # cut off by send() as a client that does not read
-                return
-            if isinstance(message, ProtocolError):
-                self.send(error_reply(None, message.code, message.message))
-            else:
-                self._start_request(message)
+        # The answers and deliveries of this read leave together, at its end.
+        with self.outbox.hold():
+            for message in messages:
+                if self.closed:  # cut off by send() as a client that does not read
+                    return
+                if isinstance(message, ProtocolError):
+                    self.send(error_reply(None, message.code, message.message))
+                else:
+                    self._start_request(message)
         self._watch_half_frame()
 
     def eof_received(self) -> bool:
@@ -494,13 +502,13 @@ class Connection(asyncio.Protocol):
             frame = self.server.encode(
                 error_reply(message.get("id"), ErrorCode.INTERNAL, error.message)
             )
-        # Answers leave in one write per loop turn (_flush), not one each: a
-        # window of publishes is answered by one send() per message.
+        # Answers leave in one write per read or loop turn (the outbox), not
+        # one each: a window of publishes is answered by one write.
         if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.outbox.add(self, answer=True)
         self._outgoing.append(frame)
         self._outgoing_size += len(frame)
-        # What the socket still holds is asked once per write (_flush).
+        # What the socket still holds is asked once per write (write_queued).
         if self._outgoing_size + self._unsent > self.server.settings.max_output:
             log.warning(
                 "Disconnecting client %s: it does not read its answers "
@@ -513,8 +521,8 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
             self.close()
 
-    def _flush(self) -> None:
-        """Write the answers and events queued this loop turn, joined."""
+    def write_queued(self) -> None:
+        """Write the answers and events queued, joined (for the outbox)."""
         if not self._outgoing:
             return
         data = b"".join(self._outgoing)
@@ -558,7 +566,7 @@ class Connection(asyncio.Protocol):
         for pending in list(self._waiting):
             pending.cancel()
         if self.transport is not None:
-            self._flush()  # a refusal queued just now still goes out
+            self.write_queued()  # a refusal queued just now still goes out
             self.transport.close()
 
 

@@ -141,8 +141,10 @@ class Instance:
         self.nacked = 0
         self.last_exit: str | None = None
         self.inflight: dict[int, Delivery] = {}
-        # Encoded deliver frames waiting for this loop turn's write (_flush).
+        # Encoded deliver frames for the outbox's next write (write_queued),
+        # and the process they are for.
         self._outgoing: list[bytes] = []
+        self._outgoing_to: asyncio.subprocess.Process | None = None
         self._encode = broker.supervisor.encode
         self._backoff: asyncio.TimerHandle | None = None
         self._exited: asyncio.Event = asyncio.Event()
@@ -206,8 +208,12 @@ class Instance:
             env[ORIGINAL_PYTHONPATH] = own
         self.started_at = time.time()
         self.ready_at = None
+        loop = asyncio.get_running_loop()
         try:
-            self.process = await asyncio.create_subprocess_exec(
+            # What asyncio.create_subprocess_exec does, with the worker's
+            # stdout handed to this instance as it comes (WorkerPipes).
+            transport, pipes = await loop.subprocess_exec(
+                lambda: WorkerPipes(self, loop),
                 *command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -215,7 +221,6 @@ class Instance:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                limit=MAX_LOG_LINE,
                 **supervisor.process_owner(config),
             )
         except OSError as error:
@@ -223,39 +228,32 @@ class Instance:
             self.last_exit = f"cannot start: {error}"
             self._after_exit(fast=True)
             return
+        self.process = asyncio.subprocess.Process(transport, pipes, loop)
         self.pid = self.process.pid
         self._exited = asyncio.Event()
         log.info("%s: started, PID %d", self.name, self.pid)
+        pipes.attach()
         background = self.broker.supervisor.background
-        background(self._read_frames(self.process))
         background(self._read_log(self.process))
         background(self._wait_exit(self.process))
 
     # -- what the worker says ----------------------------------------------------
 
-    async def _read_frames(self, process: asyncio.subprocess.Process) -> None:
-        decoder = FrameDecoder(WORKER_MAX_FRAME)
-        assert process.stdout is not None
-        while True:
-            data = await process.stdout.read(1 << 16)
-            if not data:
-                return
-            try:
-                frames = decoder.feed(data)
-            except ProtocolError as error:
-                log.error("%s: broken frame, stopping it: %s", self, error.message)
-                self._kill(signal.SIGKILL)
-                # Read on to the end: asyncio's Process.wait() returns only
-                # once every pipe is closed, so an unread stdout would leave
-                # the killed worker unreaped and its instance RUNNING.
-                while await process.stdout.read(1 << 16):
-                    pass
-                return
+    def frames_received(self, frames: list[dict[str, Any] | ProtocolError]) -> None:
+        """Act on the frames of one read of the worker's stdout."""
+        # The answers (publish --wait) and new deliveries these acks
+        # release leave together, at the end.
+        with self.broker.supervisor.outbox.hold():
             for frame in frames:
                 if isinstance(frame, ProtocolError):
                     log.error("%s: unreadable frame ignored: %s", self, frame.message)
                 else:
                     self._handle(frame)
+
+    def broken_frame(self, error: ProtocolError) -> None:
+        """The worker's stdout is no longer a frame stream: kill it."""
+        log.error("%s: broken frame, stopping it: %s", self, error.message)
+        self._kill(signal.SIGKILL)
 
     def _handle(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
@@ -386,19 +384,22 @@ class Instance:
                 "attempt": delivery.attempts,
             }
         )
-        # One pipe write per loop turn, not per message: a dispatch after a
-        # batch of acks hands out many messages at once.
+        # One pipe write per read or loop turn (the outbox), not per message:
+        # a dispatch after a batch of acks hands out many messages at once.
         if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush, self.process)
+            self._outgoing_to = self.process
+            self.broker.supervisor.outbox.add(self)
         self._outgoing.append(frame)
 
-    def _flush(self, process: asyncio.subprocess.Process | None = None) -> None:
-        """Write the deliveries queued this loop turn to ``process``'s stdin.
+    def write_queued(self) -> None:
+        """Write the queued deliveries to the worker's stdin (for the outbox).
 
-        A process that is gone since gets nothing: its messages are in
-        ``inflight`` and go to another instance when its exit is seen.
+        A process that is gone since they were queued gets nothing: the
+        messages are in ``inflight`` and go to another instance when its
+        exit is seen.
         """
         frames, self._outgoing = self._outgoing, []
+        process = self._outgoing_to
         if process is None or process is not self.process or not frames:
             return
         assert process.stdin is not None
@@ -432,7 +433,7 @@ class Instance:
             self.change_state(S.STOPPING)
             process = self.process
             if process is not None and process.stdin is not None:
-                self._flush(process)  # what was delivered goes before the stop
+                self.write_queued()  # what was delivered goes before the stop
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     process.stdin.write(encode_frame({"type": "stop"}))
                     process.stdin.close()
@@ -486,6 +487,50 @@ class Instance:
     def reset(self) -> None:
         """Forget past fast failures (``busctl start`` after FATAL)."""
         self.fast_failures = 0
+
+
+class WorkerPipes(asyncio.subprocess.SubprocessStreamProtocol):
+    """A worker's pipes: stdout's frames go straight to the instance.
+
+    asyncio's own protocol would put stdout in a StreamReader and wake a
+    task to read it: a loop turn and a task step for every read, on the
+    path of every ack. Here each read is decoded and handled in the
+    callback that received it. stderr stays a StreamReader of log lines.
+    """
+
+    def __init__(self, instance: Instance, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=MAX_LOG_LINE, loop=loop)
+        self.instance = instance
+        self.decoder = FrameDecoder(WORKER_MAX_FRAME)
+        self.broken = False
+        # What came before attach(): the instance did not know the process.
+        self._early: list[bytes] | None = []
+
+    def attach(self) -> None:
+        """The instance now knows the process: hand it what came so far."""
+        early, self._early = self._early, None
+        for data in early or ():
+            self._frames(data)
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        """Bytes from the worker: frames on stdout (1), log lines on stderr."""
+        if fd != 1:
+            super().pipe_data_received(fd, data)
+        elif self._early is not None:
+            self._early.append(bytes(data))
+        else:
+            self._frames(bytes(data))
+
+    def _frames(self, data: bytes) -> None:
+        if self.broken:
+            return  # read on and drop: the worker is being killed
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as error:
+            self.broken = True
+            self.instance.broken_frame(error)
+            return
+        self.instance.frames_received(frames)
 
 
 async def read_log_line(stream: asyncio.StreamReader) -> bytes:

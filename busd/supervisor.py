@@ -31,6 +31,7 @@ from busd.broker import DEAD_CHANNEL, Broker
 from busd.config import BrokerConfig, Config
 from busd.control import Pending
 from busd.instance import Delivery, Instance, InstanceState
+from busd.outbox import Outbox
 from busd.plugins.base import SimplePlugin
 from busd.protocol import ErrorCode, FrameEncoder, ProtocolError
 from busd.spool import Spool, SpoolError
@@ -105,6 +106,13 @@ class Supervisor(SimplePlugin):
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: add, remove, rolling-restart brokers."""
         self._run(self._reconfigure(config))
+
+    @property
+    def outbox(self) -> Outbox:
+        """Where instances queue their writes (the control server's)."""
+        outbox = self.daemon.control.outbox
+        assert outbox is not None, "the control server is not started"
+        return outbox
 
     def background(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coroutine`` as a task on the loop, keeping it referenced."""
