@@ -161,6 +161,8 @@ class Bus:
         # Re-entrant: a signal handler that changes state may interrupt the
         # main thread while it holds this lock inside wait().
         self._state_changed = threading.Condition(threading.RLock())
+        # Set by wake(): wait() publishes its channel now, not at the next tick.
+        self._woken = False
         # Set while no exit() is running; block() waits on it.
         self._exit_finished = threading.Event()
         self._exit_finished.set()
@@ -409,11 +411,28 @@ class Bus:
         wanted = {state} if isinstance(state, states) else set(state)
         while True:
             with self._state_changed:
-                if self._state_changed.wait_for(
-                    lambda: self.state in wanted, timeout=interval
-                ):
+                self._state_changed.wait_for(
+                    lambda: self.state in wanted or self._woken, timeout=interval
+                )
+                if self.state in wanted:
                     return
+                self._woken = False
             self.publish(channel)
+
+    def wake(self) -> None:
+        """Have ``wait()`` (and so ``block()``) publish its channel now.
+
+        A signal handler calls this so that the ``main`` tick acting on the
+        signal comes at once, not up to ``interval`` later. It never blocks,
+        so it is safe in a signal handler: when another thread holds the
+        bus's state lock at that moment, the tick simply comes on time.
+        """
+        self._woken = True
+        if self._state_changed.acquire(blocking=False):
+            try:
+                self._state_changed.notify_all()
+            finally:
+                self._state_changed.release()
 
     def block(self, interval: float = 0.1, thread_timeout: float | None = None) -> None:
         """Tick ``main`` until EXITING, then wait for non-daemon threads.

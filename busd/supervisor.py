@@ -95,7 +95,7 @@ class Supervisor(SimplePlugin):
 
     def stop(self) -> None:
         """Stop every broker's instances: ask, SIGTERM, SIGKILL."""
-        if self.brokers:
+        if self.daemon.control.loop is not None:
             self._run(self._stop_all())
         if self.spool is not None:
             self.spool.close()

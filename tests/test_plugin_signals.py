@@ -47,8 +47,11 @@ if "--slow-stop" in sys.argv:
             time.sleep(0.005)
     bus.subscribe("stop", slow_stop)
 
+interval = 0.02
+if "--interval" in sys.argv:
+    interval = float(sys.argv[sys.argv.index("--interval") + 1])
 bus.start()
-bus.block(interval=0.02)
+bus.block(interval=interval)
 print("block returned", flush=True)
 """
 
@@ -133,6 +136,17 @@ def test_reload_signals_run_graceful_on_the_main_thread(child) -> None:
         lines.expect("Bus graceful")
         lines.expect("graceful ran on MainThread")
     assert proc.poll() is None  # a reload does not end the process
+    os.kill(proc.pid, signal.SIGTERM)
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+
+
+def test_a_signal_is_acted_on_at_once_not_at_the_next_tick(child) -> None:
+    # With an hour between main ticks, only bus.wake() from the OS handler
+    # can get the actions done within the deadline.
+    proc, lines = child("--interval", "3600")
+    os.kill(proc.pid, signal.SIGHUP)
+    lines.expect("graceful ran on MainThread")
     os.kill(proc.pid, signal.SIGTERM)
     lines.expect("Bus EXITED")
     assert proc.wait(TIMEOUT) == 0

@@ -139,8 +139,11 @@ class SignalHandler(SimplePlugin):
     # -- recording and acting -----------------------------------------------
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        """The OS signal handler: note the signal, nothing else."""
+        """The OS signal handler: note the signal and wake the main tick."""
         self._pending.put(signum)
+        wake = getattr(self.bus, "wake", None)  # a CherryPy bus has none
+        if wake is not None:
+            wake()
 
     @property
     def pending(self) -> int:
