@@ -209,14 +209,17 @@ class Instance:
         self.started_at = time.time()
         self.ready_at = None
         loop = asyncio.get_running_loop()
+        # stdout is a pipe of our own, read by WorkerStdout: asyncio's
+        # subprocess transport would hand each read on a loop turn later.
+        frames_out, frames_in = os.pipe()
         try:
-            # What asyncio.create_subprocess_exec does, with the worker's
-            # stdout handed to this instance as it comes (WorkerPipes).
-            transport, pipes = await loop.subprocess_exec(
-                lambda: WorkerPipes(self, loop),
+            transport, protocol = await loop.subprocess_exec(
+                lambda: asyncio.subprocess.SubprocessStreamProtocol(
+                    limit=MAX_LOG_LINE, loop=loop
+                ),
                 *command,
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=frames_in,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 cwd=cwd,
@@ -224,18 +227,24 @@ class Instance:
                 **supervisor.process_owner(config),
             )
         except OSError as error:
+            os.close(frames_out)
             log.error("%s: cannot start: %s", self.name, error)
             self.last_exit = f"cannot start: {error}"
             self._after_exit(fast=True)
             return
-        self.process = asyncio.subprocess.Process(transport, pipes, loop)
+        finally:
+            os.close(frames_in)
+        self.process = asyncio.subprocess.Process(transport, protocol, loop)
         self.pid = self.process.pid
         self._exited = asyncio.Event()
         log.info("%s: started, PID %d", self.name, self.pid)
-        pipes.attach()
+        stdout = WorkerStdout(self)
+        # The read transport owns this file and closes it with the pipe.
+        pipe = os.fdopen(frames_out, "rb", buffering=0)
+        await loop.connect_read_pipe(lambda: stdout, pipe)
         background = self.broker.supervisor.background
         background(self._read_log(self.process))
-        background(self._wait_exit(self.process))
+        background(self._wait_exit(self.process, stdout))
 
     # -- what the worker says ----------------------------------------------------
 
@@ -300,8 +309,12 @@ class Instance:
             line = raw.decode(errors="replace").rstrip("\n")
             self.broker.supervisor.worker_log(self, pid, line)
 
-    async def _wait_exit(self, process: asyncio.subprocess.Process) -> None:
+    async def _wait_exit(
+        self, process: asyncio.subprocess.Process, stdout: WorkerStdout
+    ) -> None:
         status = await process.wait()
+        # Its last acks first: what it acknowledged is not delivered again.
+        await stdout.closed
         self.last_exit = describe_status(status)
         self.process = None
         self._exited.set()
@@ -489,39 +502,22 @@ class Instance:
         self.fast_failures = 0
 
 
-class WorkerPipes(asyncio.subprocess.SubprocessStreamProtocol):
-    """A worker's pipes: stdout's frames go straight to the instance.
+class WorkerStdout(asyncio.Protocol):
+    """A worker's stdout: each read's frames go straight to the instance.
 
-    asyncio's own protocol would put stdout in a StreamReader and wake a
-    task to read it: a loop turn and a task step for every read, on the
-    path of every ack. Here each read is decoded and handled in the
-    callback that received it. stderr stays a StreamReader of log lines.
+    (Left to asyncio's subprocess transport, every read would be handed on
+    one loop turn later: on the path of every ack.)
     """
 
-    def __init__(self, instance: Instance, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=MAX_LOG_LINE, loop=loop)
+    def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self.decoder = FrameDecoder(WORKER_MAX_FRAME)
         self.broken = False
-        # What came before attach(): the instance did not know the process.
-        self._early: list[bytes] | None = []
+        #: Done when the worker's end of the pipe is closed (it exited).
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def attach(self) -> None:
-        """The instance now knows the process: hand it what came so far."""
-        early, self._early = self._early, None
-        for data in early or ():
-            self._frames(data)
-
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        """Bytes from the worker: frames on stdout (1), log lines on stderr."""
-        if fd != 1:
-            super().pipe_data_received(fd, data)
-        elif self._early is not None:
-            self._early.append(bytes(data))
-        else:
-            self._frames(bytes(data))
-
-    def _frames(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
+        """Decode and hand over the frames ``data`` completes."""
         if self.broken:
             return  # read on and drop: the worker is being killed
         try:
@@ -531,6 +527,14 @@ class WorkerPipes(asyncio.subprocess.SubprocessStreamProtocol):
             self.instance.broken_frame(error)
             return
         self.instance.frames_received(frames)
+
+    def eof_received(self) -> None:
+        """The worker closed stdout; connection_lost follows."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The pipe is closed: the worker exited (or closed its stdout)."""
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 async def read_log_line(stream: asyncio.StreamReader) -> bytes:

@@ -1,14 +1,15 @@
-"""The write path's parts on a real event loop: the Outbox, and WorkerPipes
-on a real child process (the whole daemon is tested elsewhere)."""
+"""The I/O path's parts on a real event loop: the Outbox, and WorkerStdout
+reading a real child process (the whole daemon is tested elsewhere)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import sys
-import time
 from typing import Any
 
-from busd.instance import WorkerPipes
+from busd.instance import WorkerStdout
 from busd.outbox import Outbox
 from busd.protocol import ProtocolError, encode_frame
 
@@ -55,7 +56,7 @@ def test_writes_inside_a_hold_leave_once_at_its_end_answers_first() -> None:
 
 
 class Instance:
-    """What WorkerPipes hands frames to (the real one needs a whole broker)."""
+    """What WorkerStdout hands frames to (the real one needs a whole broker)."""
 
     def __init__(self) -> None:
         self.frames: list[Any] = []
@@ -68,60 +69,40 @@ class Instance:
         self.broken.append(error.message)
 
 
-async def until(check: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} within {DEADLINE} s"
-        await asyncio.sleep(0.005)
-
-
-def run_child(script: str, attach_when: Any) -> Instance:
-    """Run ``script`` with WorkerPipes; attach once ``attach_when(pipes)``."""
+def read_child_stdout(*chunks: bytes) -> Instance:
+    """Run a child that writes ``chunks`` to stdout, read as busd reads a
+    worker's: WorkerStdout on a pipe of its own; return what it handed on."""
 
     async def scenario() -> Instance:
         loop = asyncio.get_running_loop()
         instance = Instance()
-        transport, pipes = await loop.subprocess_exec(
-            lambda: WorkerPipes(instance, loop),  # type: ignore[arg-type]
-            sys.executable,
-            "-c",
-            script,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        script = "import sys, time\n" + "".join(
+            f"sys.stdout.buffer.write({c!r}); sys.stdout.flush(); time.sleep(0.01)\n"
+            for c in chunks
         )
-        process = asyncio.subprocess.Process(transport, pipes, loop)
+        frames_out, frames_in = os.pipe()
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=frames_in)
+        os.close(frames_in)
         try:
-            await until(lambda: attach_when(pipes), "data before attach")
-            pipes.attach()
-            assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
+            stdout = WorkerStdout(instance)  # type: ignore[arg-type]
+            pipe = os.fdopen(frames_out, "rb", buffering=0)
+            await loop.connect_read_pipe(lambda: stdout, pipe)
+            await asyncio.wait_for(stdout.closed, DEADLINE)  # the child exited
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            if child.poll() is None:
+                child.kill()
+            child.wait(DEADLINE)
+        assert child.returncode == 0
         return instance
 
     return asyncio.run(scenario())
 
 
-def write_script(*chunks: bytes) -> str:
-    return (
-        "import sys\n"
-        + "".join(
-            f"sys.stdout.buffer.write({c!r}); sys.stdout.flush()\n" for c in chunks
-        )
-        + "sys.stderr.write('a log line\\n')\n"
-    )
-
-
-def test_frames_that_come_before_attach_are_kept_for_it() -> None:
+def test_frames_are_handed_on_as_they_come_even_split_across_reads() -> None:
     frames = encode_frame({"type": "ready", "pid": 1}) + encode_frame(
         {"type": "ack", "ids": [1, 2]}
     )
-    instance = run_child(
-        write_script(frames[:7], frames[7:]),
-        attach_when=lambda pipes: sum(map(len, pipes._early or ())) == len(frames),
-    )
+    instance = read_child_stdout(frames[:7], frames[7:20], frames[20:])
     assert instance.frames == [
         {"type": "ready", "pid": 1},
         {"type": "ack", "ids": [1, 2]},
@@ -131,10 +112,7 @@ def test_frames_that_come_before_attach_are_kept_for_it() -> None:
 
 def test_after_a_broken_frame_the_rest_of_stdout_is_read_and_dropped() -> None:
     too_large = (100 << 20).to_bytes(4, "big")
-    instance = run_child(
-        write_script(too_large, encode_frame({"type": "ack", "id": 1})),
-        attach_when=lambda pipes: True,
-    )
-    # The process could exit (wait() returned): its stdout was read to the end.
+    instance = read_child_stdout(too_large, encode_frame({"type": "ack", "id": 1}))
+    # `closed` came: the pipe was read to its end, nothing more handed on.
     assert len(instance.broken) == 1 and "over the maximum" in instance.broken[0]
     assert instance.frames == []
