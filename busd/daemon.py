@@ -29,8 +29,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
-
 from busd._version import __version__
 from busd.bus import Bus, states
 from busd.config import Config, ConfigError, load_config
@@ -262,6 +260,8 @@ class Daemon:
 
     def describe(self) -> dict[str, Any]:
         """The ``state`` op's answer: the bus, this process, the counters."""
+        import psutil  # not at start: busd's start is on the clock
+
         process = psutil.Process()
         with process.oneshot():
             memory = process.memory_info()

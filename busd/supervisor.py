@@ -24,8 +24,6 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 import busd
 from busd.broker import DEAD_CHANNEL, Broker
 from busd.config import BrokerConfig, Config
@@ -72,7 +70,7 @@ class Supervisor(SimplePlugin):
             os.path.dirname(os.path.abspath(busd.__file__))
         )
         self._changed: asyncio.Condition | None = None
-        self._ps: dict[int, psutil.Process] = {}
+        self._ps: dict[int, Any] = {}  # PID -> psutil.Process
         self._tasks: set[asyncio.Task[Any]] = set()
         self.spool: Spool | None = None
         #: Encodes the frames sent to workers (on the I/O loop only).
@@ -82,14 +80,21 @@ class Supervisor(SimplePlugin):
     # -- bus listeners (main thread) ---------------------------------------------
 
     def start(self) -> None:
-        """End orphans, open the spool, start every broker, wait for them."""
-        end_orphans(self.ORPHAN_MARK, self.identity)
+        """Open the spool, start every broker, end orphans, wait for them."""
         settings = self.daemon.config.busd
         if settings.spool:
             # Opened here, after the PID file is ours: no other busd reads it.
             self.spool = Spool(settings.spool, settings.spool_fsync)
             self.daemon.continue_message_ids_after(self.spool.last_id)
-        self._run(self._start(self.daemon.config))
+        loop = self.daemon.control.loop
+        assert loop is not None, "the control server's loop is not running"
+        started = asyncio.run_coroutine_threadsafe(
+            self._start(self.daemon.config), loop
+        )
+        # While the workers start: the orphans are not our children, so the
+        # new workers are never taken for them.
+        end_orphans(self.ORPHAN_MARK, self.identity)
+        started.result()
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
 
@@ -415,6 +420,8 @@ class Supervisor(SimplePlugin):
             "last_exit": instance.last_exit,
         }
         if instance.pid:
+            import psutil  # not at start: busd's start is on the clock
+
             process = self._ps.get(instance.pid)
             try:
                 if process is None:
@@ -430,6 +437,8 @@ class Supervisor(SimplePlugin):
 
 def end_orphans(mark: str, identity: str) -> list[int]:
     """Kill workers that an earlier busd with this identity left running."""
+    import psutil  # here, while the first workers start (Supervisor.start)
+
     me = os.getpid()
     found = []
     for process in psutil.process_iter(["pid", "ppid"]):

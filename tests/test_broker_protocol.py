@@ -402,3 +402,43 @@ def test_node_broker(
         for n in range(1, MAX_RETRIES + 2)
     ]
     stop_and_check(daemon, [pid])
+
+
+# -- the worker's command line (written by busd) ------------------------------
+
+
+def test_the_worker_command_line() -> None:
+    from busd.worker import parse_arguments
+
+    assert parse_arguments(
+        ["--broker", "orders", "--instance=2", "--handler", "m:C"]
+    ) == (
+        {"--broker": "orders", "--instance": "2", "--handler": "m:C"},
+        None,
+    )
+    options, command = parse_arguments(["--exec", "--", "node", "--flag", "x"])
+    assert command == ["node", "--flag", "x"]
+    assert options["--handler"] == ""
+    for wrong, error in [
+        ([], "give exactly one of --handler"),
+        (["--handler", "m:C", "--exec", "prog"], "give exactly one of --handler"),
+        (["--exec", "--"], "--exec needs a program"),
+        (["--handler"], "--handler needs a value"),
+        (["--instance", "two", "--handler", "m:C"], "--instance needs a number"),
+        (["--verbose", "--handler", "m:C"], "unknown argument '--verbose'"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            parse_arguments(wrong)
+
+
+def test_a_wrong_worker_command_line_exits_2_with_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "busd.worker", "--instance", "x", "--handler", "m:C"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=DEADLINE,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m busd.worker"), result.stderr
+    assert "error: --instance needs a number, got 'x'" in result.stderr

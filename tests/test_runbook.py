@@ -67,6 +67,10 @@ NOT_USER_FACING = {
     # always with exactly one of --handler and --exec and a program.
     "give exactly one of --handler": "worker command line, written by busd",
     "--exec needs a program": "worker command line, written by busd",
+    "needs a value": "worker command line, written by busd",
+    "--instance needs a number, got": "worker command line, written by busd",
+    "python -m busd.worker: error:": "worker command line, written by busd",
+    "unknown argument": "worker command line, written by busd",
 }
 
 # Calls whose argument at this index (or keyword) is a message, by name.
