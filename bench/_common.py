@@ -57,8 +57,16 @@ def write_section(title: str, text: str, results: Path = RESULTS) -> None:
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEERS = BENCH / ".venv-peers"
-# busd always runs on the project's interpreter, whichever venv runs the script.
-BUSD_PYTHON = ROOT / ".venv" / "bin" / "python"
+# busd always runs on the project's interpreter, whichever venv runs the script:
+# as users get it, from bench/.venv-busd (a normal install, refreshed by
+# control.py, which bench/run runs first), or the working tree's .venv when
+# there is none (--quick on a fresh machine). .venv's editable install adds
+# an import hook costing every interpreter start ~30 ms here: busd's start
+# and each worker's would be measured with it.
+SHIPPED_PYTHON = BENCH / ".venv-busd" / "bin" / "python"
+BUSD_PYTHON = (
+    SHIPPED_PYTHON if SHIPPED_PYTHON.exists() else ROOT / ".venv" / "bin" / "python"
+)
 
 
 def child_env(**extra: str) -> dict[str, str]:
