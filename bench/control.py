@@ -675,8 +675,8 @@ def rtt_analysis(leaves: collections.Counter | None) -> list[str]:
     lines.append(
         "busd answers a ping inside `Connection.data_received`, as the echo "
         "server does; what it does besides is per request: `parse_request`, "
-        "the op lookup, `AccessPolicy.allows`, a `RequestContext`, the op, "
-        "`encode_frame` and the write-buffer check"
+        "the op lookup, the access check (worked out once per connection), a "
+        "`RequestContext`, the op, the frame encoder and the Outbox's write"
     )
     return lines
 

@@ -416,9 +416,10 @@ def start_report(res: dict, tools: list[str], ns: list[int], imports: dict) -> t
                 parts.append(
                     f"busd alone (no broker) reaches READY=1 in {zero:.0f} ms, of "
                     f"which its interpreter start and imports (`busd run --help`) "
-                    f"are {help_ms:.0f} ms: the other {zero - help_ms:.0f} ms go "
-                    "to busd's start listeners before READY=1 (py-spy of a busd "
-                    "start would say which)"
+                    f"are {help_ms:.0f} ms: the other {zero - help_ms:.0f} ms "
+                    "import the daemon's modules (`--help` needs none of them: "
+                    "asyncio, psutil, the config's dataclasses) and run its start "
+                    "listeners up to READY=1"
                 )
             if imports:
                 bare = imports["python -c pass"]

@@ -439,12 +439,11 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dic
             f"; py-spy on busd's I/O thread: busy in {busy / spy['total']:.0%} of "
             f"{spy['total']} samples; innermost frames: {leaves}; innermost busd "
             f"frame: {own}. Per message busd decodes a request frame, routes it, "
-            "encodes a `deliver` frame to a worker pipe, decodes the ack, "
-            "resolves the wait future and encodes the answer, each a few "
-            "asyncio callbacks: the change I'd make is to batch: decode every "
-            "frame of one read and write one joined buffer per pipe/connection "
-            "per loop turn, and answer `publish` inside the protocol's "
-            "`data_received` (no task per request), as the echo server does"
+            "encodes a `deliver` frame, takes its ack (one frame per read of "
+            "the worker) and encodes the answer, all in the callbacks that "
+            "read them, with one write per socket or pipe per read: what is "
+            "left is that Python work on busd's one I/O thread, and the "
+            "machine's cores shared with the clients and workers"
         )
     limit_lat = (
         "a publish --wait crosses busd twice and a worker process once "
