@@ -53,10 +53,10 @@ class Broker:
 
     async def scale(self, count: int) -> None:
         """Run ``count`` instances: start new ones, stop the highest extra ones."""
-        while len(self.instances) < count:
-            instance = Instance(self, len(self.instances))
-            self.instances.append(instance)
-            await instance.start()
+        new = [Instance(self, i) for i in range(len(self.instances), count)]
+        self.instances.extend(new)
+        # Together: each start awaits its process's pipes being connected.
+        await asyncio.gather(*(instance.start() for instance in new))
         extra = self.instances[count:]
         if extra:
             await asyncio.gather(*(instance.stop() for instance in extra))
@@ -65,9 +65,10 @@ class Broker:
 
     async def start(self, index: int | None = None) -> None:
         """Start one instance, or every stopped one."""
-        for instance in self._select(index):
+        instances = self._select(index)
+        for instance in instances:
             instance.reset()
-            await instance.start()
+        await asyncio.gather(*(instance.start() for instance in instances))
 
     async def stop(self, index: int | None = None) -> None:
         """Stop one instance, or all, in parallel."""
