@@ -74,22 +74,22 @@ def scratch():
         shutil.rmtree(path)
 
 
-def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
+def start_in_namespace(
+    scratch: Path, config_text: str
+) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+    """Start busd as root in the mount namespace (module docstring), on a
+    socket and PID file in a root-owned directory; wait until it answers.
+
+    Returns busd's process, socket path, PID file path and log file.
+    """
     assert os.geteuid() == 0, "starts busd as root"
     assert str(PREFIX).startswith("/root/"), PREFIX
     run = scratch / "run"  # like /run/busd: root's, so nobody can't write it
     run.mkdir(mode=0o755)
     stash = scratch / "stash"
     stash.mkdir()
-    spool = scratch / "records"
-    spool.mkdir()
-    os.chown(spool, NOBODY.pw_uid, NOBODY.pw_gid)
-    record = spool / "rec.jsonl"
     config = scratch / "busd.toml"
-    config.write_text(
-        '[busd]\nuser = "nobody"\n\n'
-        + broker("rec", "brokers_for_tests:Recorder", record, instances=2)
-    )
+    config.write_text(config_text)
     config.chmod(0o644)
     socket_path, pidfile = str(run / "busd.sock"), str(run / "busd.pid")
     log = scratch / "busd.log"
@@ -120,6 +120,29 @@ def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
             assert busd.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)  # polling another process: no event to wait on
+    except BaseException:
+        os.kill(busd.pid, signal.SIGKILL)
+        busd.wait(10)
+        raise
+    return busd, socket_path, pidfile, log
+
+
+def records_dir(scratch: Path) -> Path:
+    """A directory where workers running as nobody can write records."""
+    spool = scratch / "records"
+    spool.mkdir()
+    os.chown(spool, NOBODY.pw_uid, NOBODY.pw_gid)
+    return spool
+
+
+def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
+    record = records_dir(scratch) / "rec.jsonl"
+    busd, socket_path, pidfile, log = start_in_namespace(
+        scratch,
+        '[busd]\nuser = "nobody"\n\n'
+        + broker("rec", "brokers_for_tests:Recorder", record, instances=2),
+    )
+    try:
         with Client(socket_path) as client:
             rows = wait_states(client, "rec", ["RUNNING"] * 2)
             assert client.state()["pid"] == busd.pid
@@ -145,3 +168,34 @@ def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
     ), text
     print("\n" + "\n".join(line for line in text.splitlines() if "WARNING" in line))
     assert all(gone(pid) for pid in workers)
+
+
+def test_a_brokers_own_user_applies_to_its_workers_only(scratch):
+    # busd stays root; one broker names a user, the other does not.
+    spool = records_dir(scratch)
+    as_nobody, as_root = spool / "nobody.jsonl", spool / "root.jsonl"
+    busd, socket_path, _pidfile, log = start_in_namespace(
+        scratch,
+        broker("low", "brokers_for_tests:Recorder", as_nobody, user="nobody")
+        + broker("high", "brokers_for_tests:Recorder", as_root),
+    )
+    try:
+        with Client(socket_path) as client:
+            low = wait_states(client, "low", ["RUNNING"])[0]["pid"]
+            high = wait_states(client, "high", ["RUNNING"])[0]["pid"]
+            result = client.call("publish", channel="main", message="hi", wait=True)
+        assert (result["brokers"], result["acked"]) == (2, 2)
+        assert_runs_as_nobody(low)
+        assert status(high)["Uid"].split() == ["0"] * 4
+        assert status(busd.pid)["Uid"].split() == ["0"] * 4
+        assert as_nobody.stat().st_uid == NOBODY.pw_uid
+        assert as_root.stat().st_uid == 0
+        assert [r["message"] for r in records(as_nobody)] == ["hi"]
+        assert [r["message"] for r in records(as_root)] == ["hi"]
+        os.kill(busd.pid, signal.SIGTERM)
+        assert busd.wait(30) == 0, log.read_text()
+    finally:
+        if busd.poll() is None:
+            os.kill(busd.pid, signal.SIGKILL)
+            busd.wait(10)
+    assert all(gone(pid) for pid in (low, high))
