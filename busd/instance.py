@@ -274,18 +274,12 @@ class Instance:
             elif not isinstance(ids, list):
                 log.warning("%s: ignoring an ack whose 'ids' is not a list", self)
                 return
-            inflight = self.inflight
-            done = [inflight.pop(i) for i in ids if type(i) is int and i in inflight]
+            done = [d for d in map(self._take, ids) if d is not None]
             if done:
                 self.acked += len(done)
                 self.broker.acked(done)
         elif kind == "nack":
-            delivery_id = frame.get("id")
-            delivery = (
-                self.inflight.pop(delivery_id)
-                if type(delivery_id) is int and delivery_id in self.inflight
-                else None
-            )
+            delivery = self._take(frame.get("id"))
             if delivery is not None:
                 self.nacked += 1
                 self.broker.nacked(self, delivery, str(frame.get("error", "")))
@@ -298,6 +292,17 @@ class Instance:
                 self.broker.dispatch()
         else:
             log.warning("%s: ignoring a frame of unknown type %r", self, kind)
+
+    def _take(self, delivery_id: Any) -> Delivery | None:
+        """Remove and return the in-flight delivery with this id.
+
+        None for an id this instance does not hold (unknown, answered
+        already) and for anything that is not an id at all: a broker's
+        frame may carry any msgpack value there.
+        """
+        if type(delivery_id) is not int:
+            return None
+        return self.inflight.pop(delivery_id, None)
 
     async def _read_log(self, process: asyncio.subprocess.Process) -> None:
         assert process.stderr is not None

@@ -164,18 +164,17 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
+        # Bytes of frames not yet complete, their headers included.
         self._buffer = bytearray()
-        self._body_length: int | None = None
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet make a whole frame.
 
-        A header already read counts too: a client that sent only a header
-        is in the middle of a frame (the frame timeout must apply to it).
+        A header counts too: a client that sent only a header is in the
+        middle of a frame (the frame timeout must apply to it).
         """
-        header = HEADER.size if self._body_length is not None else 0
-        return header + len(self._buffer)
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> list[dict[str, Any] | ProtocolError]:
         """Add ``data``; return each completed message in order.
@@ -192,32 +191,26 @@ class FrameDecoder:
         # end: cutting each frame off the front would copy what follows.
         start, end = 0, len(buffer)
         try:
-            while True:
-                length = self._body_length
-                if length is None:
-                    if end - start < HEADER.size:
-                        return messages
-                    (length,) = HEADER.unpack_from(buffer, start)
-                    if length > self.max_frame:
-                        raise ProtocolError(
-                            ErrorCode.TOO_LARGE,
-                            f"frame of {length} bytes is over the maximum of "
-                            f"{self.max_frame} bytes",
-                            fatal=True,
-                        )
-                    start += HEADER.size
-                    self._body_length = length
-                if end - start < length:
-                    return messages
-                body = buffer[start : start + length]
-                start += length
-                self._body_length = None
+            while end - start >= HEADER.size:
+                (length,) = HEADER.unpack_from(buffer, start)
+                if length > self.max_frame:
+                    raise ProtocolError(
+                        ErrorCode.TOO_LARGE,
+                        f"frame of {length} bytes is over the maximum of "
+                        f"{self.max_frame} bytes",
+                        fatal=True,
+                    )
+                body_start = start + HEADER.size
+                if end - body_start < length:
+                    break  # the rest of this frame is still to come
+                start = body_start + length
                 try:
-                    messages.append(decode_body(body))
+                    messages.append(decode_body(buffer[body_start:start]))
                 except ProtocolError as error:
                     if error.fatal:
                         raise
                     messages.append(error)
+            return messages
         finally:
             del buffer[:start]
 

@@ -22,6 +22,7 @@ import os
 import pwd
 import time
 from collections.abc import Coroutine, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import busd
@@ -86,11 +87,7 @@ class Supervisor(SimplePlugin):
             # Opened here, after the PID file is ours: no other busd reads it.
             self.spool = Spool(settings.spool, settings.spool_fsync)
             self.daemon.continue_message_ids_after(self.spool.last_id)
-        loop = self.daemon.control.loop
-        assert loop is not None, "the control server's loop is not running"
-        started = asyncio.run_coroutine_threadsafe(
-            self._start(self.daemon.config), loop
-        )
+        started = self._submit(self._start(self.daemon.config))
         # While the workers start: the orphans are not our children, so the
         # new workers are never taken for them.
         end_orphans(self.ORPHAN_MARK, self.identity)
@@ -126,10 +123,15 @@ class Supervisor(SimplePlugin):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+    def _submit(self, coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
+        """Run ``coroutine`` on the I/O loop, from the main thread."""
         loop = self.daemon.control.loop
         assert loop is not None, "the control server's loop is not running"
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` on the I/O loop and wait for its result."""
+        return self._submit(coroutine).result()
 
     # -- on the loop ----------------------------------------------------------------
 
