@@ -12,6 +12,7 @@ read-only. The PID namespace is shared, so the test reads /proc directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,13 +76,15 @@ def scratch():
         shutil.rmtree(path)
 
 
-def start_in_namespace(
+@contextlib.contextmanager
+def busd_in_namespace(
     scratch: Path, config_text: str
-) -> tuple[subprocess.Popen[bytes], str, str, Path]:
-    """Start busd as root in the mount namespace (module docstring), on a
-    socket and PID file in a root-owned directory; wait until it answers.
+) -> Iterator[tuple[subprocess.Popen[bytes], str, str, Path]]:
+    """busd started as root in the mount namespace (module docstring), on a
+    socket and PID file in a root-owned directory, once it answers.
 
-    Returns busd's process, socket path, PID file path and log file.
+    Yields busd's process, socket path, PID file path and log file; kills
+    busd by its PID at the end if the test left it running.
     """
     assert os.geteuid() == 0, "starts busd as root"
     assert str(PREFIX).startswith("/root/"), PREFIX
@@ -120,11 +124,11 @@ def start_in_namespace(
             assert busd.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)  # polling another process: no event to wait on
-    except BaseException:
-        os.kill(busd.pid, signal.SIGKILL)
-        busd.wait(10)
-        raise
-    return busd, socket_path, pidfile, log
+        yield busd, socket_path, pidfile, log
+    finally:
+        if busd.poll() is None:
+            os.kill(busd.pid, signal.SIGKILL)
+            busd.wait(10)
 
 
 def records_dir(scratch: Path) -> Path:
@@ -137,12 +141,10 @@ def records_dir(scratch: Path) -> Path:
 
 def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
     record = records_dir(scratch) / "rec.jsonl"
-    busd, socket_path, pidfile, log = start_in_namespace(
-        scratch,
-        '[busd]\nuser = "nobody"\n\n'
-        + broker("rec", "brokers_for_tests:Recorder", record, instances=2),
+    config = '[busd]\nuser = "nobody"\n\n' + broker(
+        "rec", "brokers_for_tests:Recorder", record, instances=2
     )
-    try:
+    with busd_in_namespace(scratch, config) as (busd, socket_path, pidfile, log):
         with Client(socket_path) as client:
             rows = wait_states(client, "rec", ["RUNNING"] * 2)
             assert client.state()["pid"] == busd.pid
@@ -154,10 +156,6 @@ def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
         assert [r["message"] for r in records(record)] == ["as nobody"]
         os.kill(busd.pid, signal.SIGTERM)
         assert busd.wait(30) == 0, log.read_text()
-    finally:
-        if busd.poll() is None:
-            os.kill(busd.pid, signal.SIGKILL)
-            busd.wait(10)
     text = log.read_text()
     assert "Dropped privileges to uid=65534 gid=65534 groups=65534" in text, text
     # busd, now nobody, may not unlink in root's run directory: it says so.
@@ -174,12 +172,10 @@ def test_a_brokers_own_user_applies_to_its_workers_only(scratch):
     # busd stays root; one broker names a user, the other does not.
     spool = records_dir(scratch)
     as_nobody, as_root = spool / "nobody.jsonl", spool / "root.jsonl"
-    busd, socket_path, _pidfile, log = start_in_namespace(
-        scratch,
-        broker("low", "brokers_for_tests:Recorder", as_nobody, user="nobody")
-        + broker("high", "brokers_for_tests:Recorder", as_root),
-    )
-    try:
+    config = broker(
+        "low", "brokers_for_tests:Recorder", as_nobody, user="nobody"
+    ) + broker("high", "brokers_for_tests:Recorder", as_root)
+    with busd_in_namespace(scratch, config) as (busd, socket_path, _pidfile, log):
         with Client(socket_path) as client:
             low = wait_states(client, "low", ["RUNNING"])[0]["pid"]
             high = wait_states(client, "high", ["RUNNING"])[0]["pid"]
@@ -194,8 +190,4 @@ def test_a_brokers_own_user_applies_to_its_workers_only(scratch):
         assert [r["message"] for r in records(as_root)] == ["hi"]
         os.kill(busd.pid, signal.SIGTERM)
         assert busd.wait(30) == 0, log.read_text()
-    finally:
-        if busd.poll() is None:
-            os.kill(busd.pid, signal.SIGKILL)
-            busd.wait(10)
     assert all(gone(pid) for pid in (low, high))
