@@ -27,7 +27,12 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
     lines = [
         f"● busd {state.get('version', '?')} - {socket_path}",
         f"     State: {state['state']} since {_duration(state.get('uptime', 0))}",
-        f"  Main PID: {state['pid']} (uid {state.get('uid')}, gid {state.get('gid')})",
+        f"  Main PID: {state['pid']} (uid {state.get('uid')}, gid {state.get('gid')})"
+        + (
+            f"; fork server PID {state['fork_server']}"
+            if state.get("fork_server")
+            else ""
+        ),
         f"    Config: {state.get('config') or '(defaults)'}",
         f"    Memory: {_size(process.get('rss', 0))}   CPU: "
         f"{process.get('cpu_percent', 0):.1f}%   FDs: {process.get('fds', '?')}   "

@@ -122,22 +122,36 @@ def run(args: argparse.Namespace) -> int:
     # maps OpenSSL into the process for nothing (about 4 MiB of RSS, measured
     # in bench/control.py); marking ssl as absent makes asyncio skip it.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
-    from busd.config import DEFAULT_PATH, ConfigError, load_config
-    from busd.daemon import Daemon, Overrides, check_names
+    from busd.config import DEFAULT_PATH, ConfigError, Overrides, load_config
 
     overrides = Overrides(
         socket=args.socket, pidfile=args.pidfile, log_level=args.log_level
     )
     config_path = os.path.abspath(args.config) if args.config else None
+    spawner = None
     try:
         config = overrides.apply(load_config(config_path))
+        if config.brokers and not args.daemonize:
+            # The fork server's interpreter starts while this one imports the
+            # daemon: the workers are ready sooner. (Daemonized, it would be
+            # left behind by the fork; the supervisor starts it then.)
+            from busd.spawner import Spawner, server_environment
+
+            spawner = Spawner.launch(server_environment(config.busd.socket))
+        from busd.daemon import Daemon, check_names
+
         check_names(config)
-        daemon = Daemon(config, config_path=config_path, overrides=overrides)
-    except ConfigError as error:
-        print(f"busd: {error}", file=sys.stderr)
-        return EX_CONFIG
-    except ValueError as error:
-        print(f"busd: {config_path or DEFAULT_PATH}: {error}", file=sys.stderr)
+        daemon = Daemon(
+            config, config_path=config_path, overrides=overrides, spawner=spawner
+        )
+    except (ConfigError, ValueError) as error:
+        if spawner is not None:
+            spawner.close()
+            spawner.wait_closed()
+        where = (
+            "" if isinstance(error, ConfigError) else f"{config_path or DEFAULT_PATH}: "
+        )
+        print(f"busd: {where}{error}", file=sys.stderr)
         return EX_CONFIG
     if args.daemonize:
         from busd.plugins.daemonize import Daemonizer

@@ -608,3 +608,25 @@ def _show(value: Any, limit: int = 60) -> str:
 def _did_you_mean(word: str, options: Iterable[str], form: str) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {form.format(close[0])}?)" if close else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Settings given on the command line; they win over the file, also on
+    reload."""
+
+    socket: str | None = None
+    pidfile: str | None = None
+    log_level: str | None = None
+
+    def apply(self, config: Config) -> Config:
+        """``config`` with these overrides in place (paths made absolute)."""
+        changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        for key in ("socket", "pidfile"):
+            if key in changes:
+                changes[key] = os.path.abspath(changes[key])
+        if not changes:
+            return config
+        return dataclasses.replace(
+            config, busd=dataclasses.replace(config.busd, **changes)
+        )

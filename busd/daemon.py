@@ -31,7 +31,7 @@ from typing import Any
 
 from busd._version import __version__
 from busd.bus import Bus, states
-from busd.config import Config, ConfigError, load_config
+from busd.config import Config, ConfigError, Overrides, load_config
 from busd.control import AccessPolicy, ControlServer, Pending, ServerSettings
 from busd.logs import LogRing, bus_log_listener, setup_logging
 from busd.ops import build_ops
@@ -40,6 +40,7 @@ from busd.plugins.privileges import DropPrivileges
 from busd.plugins.sdnotify import SdNotify
 from busd.plugins.signals import SignalHandler
 from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
+from busd.spawner import Spawner
 from busd.supervisor import Supervisor
 
 log = logging.getLogger("busd")
@@ -89,28 +90,6 @@ class Hub:
             follower(event)
 
 
-@dataclasses.dataclass(frozen=True)
-class Overrides:
-    """Settings given on the command line; they win over the file, also on
-    reload."""
-
-    socket: str | None = None
-    pidfile: str | None = None
-    log_level: str | None = None
-
-    def apply(self, config: Config) -> Config:
-        """``config`` with these overrides in place (paths made absolute)."""
-        changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        for key in ("socket", "pidfile"):
-            if key in changes:
-                changes[key] = os.path.abspath(changes[key])
-        if not changes:
-            return config
-        return dataclasses.replace(
-            config, busd=dataclasses.replace(config.busd, **changes)
-        )
-
-
 class Daemon:
     """The busd process: build it from a config, then ``run()`` it."""
 
@@ -119,7 +98,9 @@ class Daemon:
         config: Config,
         config_path: str | None = None,
         overrides: Overrides | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
+        """``spawner``: the fork server, if started already (busd/spawner.py)."""
         self.config_path = config_path
         self.overrides = overrides or Overrides()
         self.config = config
@@ -145,7 +126,7 @@ class Daemon:
             self.bus, user=settings.user or None, umask=settings.umask
         )
         self.notify = SdNotify(self.bus, unset_environment=True)
-        self.supervisor = Supervisor(self.bus, self)
+        self.supervisor = Supervisor(self.bus, self, spawner)
         for plugin in (
             self.signals,
             self.pidfile,
@@ -283,6 +264,7 @@ class Daemon:
             "uid": os.getuid(),
             "gid": os.getgid(),
             "process": usage,
+            "fork_server": self.supervisor.fork_server_pid(),
             "clients": len(self.control.connections),
             "published": self.published,
             "unrouted": self.unrouted,
@@ -300,6 +282,9 @@ def check_names(config: Config) -> None:
     access_policy(config)
     if config.busd.user != "":
         resolve_user(config.busd.user, "[busd] user")
+    for name, broker in config.brokers.items():
+        if broker.user != "":
+            resolve_user(broker.user, f"[brokers.{name}] user")
 
 
 def server_settings(config: Config) -> ServerSettings:

@@ -1,8 +1,9 @@
 """One broker instance: a worker process, its states, and its pipes.
 
-An instance lives on busd's I/O loop. It starts ``python -m busd.worker``
-(see busd/worker.py) with pipes on stdin, stdout and stderr: frames go
-down stdin, acks and publishes come up stdout, log lines come on stderr.
+An instance lives on busd's I/O loop. Its worker runs busd/worker.py,
+forked by the fork server (busd/spawner.py), with pipes on stdin, stdout
+and stderr: frames go down stdin, acks and publishes come up stdout, log
+lines come on stderr.
 Its life, with every transition made by :meth:`Instance.change_state`::
 
                  start()           "ready" frame
@@ -31,7 +32,6 @@ import enum
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ from busd.worker import ORIGINAL_PYTHONPATH
 
 if TYPE_CHECKING:
     from busd.broker import Broker
+    from busd.spawner import WorkerProcess
 
 log = logging.getLogger("busd.broker")
 
@@ -131,7 +132,7 @@ class Instance:
         self.broker = broker
         self.index = index
         self.state = InstanceState.STOPPED
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: WorkerProcess | None = None
         self.pid: int | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -144,7 +145,7 @@ class Instance:
         # Encoded deliver frames for the outbox's next write (write_queued),
         # and the process they are for.
         self._outgoing: list[bytes] = []
-        self._outgoing_to: asyncio.subprocess.Process | None = None
+        self._outgoing_to: WorkerProcess | None = None
         self._encode = broker.supervisor.encode
         self._backoff: asyncio.TimerHandle | None = None
         self._exited: asyncio.Event = asyncio.Event()
@@ -181,12 +182,11 @@ class Instance:
         self.change_state(S.STARTING)
         config = self.broker.config
         supervisor = self.broker.supervisor
-        command = [sys.executable, "-m", "busd.worker", "--broker", config.name]
-        command += ["--instance", str(self.index)]
+        argv = ["--broker", config.name, "--instance", str(self.index)]
         if config.handler:
-            command += ["--handler", config.handler]
+            argv += ["--handler", config.handler]
         else:
-            command += ["--exec", "--", *config.command]
+            argv += ["--exec", "--", *config.command]
         env = {
             **os.environ,
             **config.env,
@@ -208,43 +208,24 @@ class Instance:
             env[ORIGINAL_PYTHONPATH] = own
         self.started_at = time.time()
         self.ready_at = None
-        loop = asyncio.get_running_loop()
-        # stdout is a pipe of our own, read by WorkerStdout: asyncio's
-        # subprocess transport would hand each read on a loop turn later.
-        frames_out, frames_in = os.pipe()
         try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: asyncio.subprocess.SubprocessStreamProtocol(
-                    limit=MAX_LOG_LINE, loop=loop
-                ),
-                *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=frames_in,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                **supervisor.process_owner(config),
+            process = await supervisor.spawner().spawn(
+                argv, env, cwd, supervisor.process_owner(config), self.name
             )
         except OSError as error:
-            os.close(frames_out)
             log.error("%s: cannot start: %s", self.name, error)
             self.last_exit = f"cannot start: {error}"
             self._after_exit(fast=True)
             return
-        finally:
-            os.close(frames_in)
-        self.process = asyncio.subprocess.Process(transport, protocol, loop)
-        self.pid = self.process.pid
+        self.process = process
+        self.pid = process.pid
         self._exited = asyncio.Event()
         log.info("%s: started, PID %d", self.name, self.pid)
         stdout = WorkerStdout(self)
-        # The read transport owns this file and closes it with the pipe.
-        pipe = os.fdopen(frames_out, "rb", buffering=0)
-        await loop.connect_read_pipe(lambda: stdout, pipe)
+        await process.connect(stdout, stderr_limit=MAX_LOG_LINE)
         background = self.broker.supervisor.background
-        background(self._read_log(self.process))
-        background(self._wait_exit(self.process, stdout))
+        background(self._read_log(process))
+        background(self._wait_exit(process, stdout))
 
     # -- what the worker says ----------------------------------------------------
 
@@ -304,7 +285,7 @@ class Instance:
             return None
         return self.inflight.pop(delivery_id, None)
 
-    async def _read_log(self, process: asyncio.subprocess.Process) -> None:
+    async def _read_log(self, process: WorkerProcess) -> None:
         assert process.stderr is not None
         pid = process.pid
         while True:
@@ -314,13 +295,15 @@ class Instance:
             line = raw.decode(errors="replace").rstrip("\n")
             self.broker.supervisor.worker_log(self, pid, line)
 
-    async def _wait_exit(
-        self, process: asyncio.subprocess.Process, stdout: WorkerStdout
-    ) -> None:
+    async def _wait_exit(self, process: WorkerProcess, stdout: WorkerStdout) -> None:
         status = await process.wait()
         # Its last acks first: what it acknowledged is not delivered again.
         await stdout.closed
-        self.last_exit = describe_status(status)
+        self.last_exit = (
+            "exit status unknown: the fork server died"
+            if status is None
+            else describe_status(status)
+        )
         self.process = None
         self._exited.set()
         if self.state is S.STOPPING:
@@ -510,8 +493,8 @@ class Instance:
 class WorkerStdout(asyncio.Protocol):
     """A worker's stdout: each read's frames go straight to the instance.
 
-    (Left to asyncio's subprocess transport, every read would be handed on
-    one loop turn later: on the path of every ack.)
+    (A StreamReader would hand each read on one loop turn later: on the
+    path of every ack.)
     """
 
     def __init__(self, instance: Instance) -> None:

@@ -21,8 +21,7 @@ EX_CONFIG = 78
 def start_detached(args: argparse.Namespace) -> int:
     """Start ``busd run --daemonize`` with the same settings; wait for ping."""
     from busctl.client import Client, ClientError
-    from busd.config import ConfigError, load_config
-    from busd.daemon import Overrides
+    from busd.config import ConfigError, Overrides, load_config
 
     config_path = os.path.abspath(args.config) if args.config else None
     overrides = Overrides(

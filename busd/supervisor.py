@@ -33,6 +33,7 @@ from busd.instance import Delivery, Instance, InstanceState
 from busd.outbox import Outbox
 from busd.plugins.base import SimplePlugin
 from busd.protocol import ErrorCode, FrameEncoder, ProtocolError
+from busd.spawner import ORPHAN_MARK, Spawner, current_umask, server_environment
 from busd.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
@@ -57,11 +58,15 @@ class Supervisor(SimplePlugin):
     """Starts, watches and stops the brokers; routes messages to them."""
 
     #: Environment variable marking a worker as this busd's (orphan search).
-    ORPHAN_MARK = "BUSD_DAEMON"
+    ORPHAN_MARK = ORPHAN_MARK
 
-    def __init__(self, bus: Any, daemon: Daemon) -> None:
+    def __init__(
+        self, bus: Any, daemon: Daemon, spawner: Spawner | None = None
+    ) -> None:
         super().__init__(bus)
         self.daemon = daemon
+        # The fork server, if `busd run` started it already (see spawner()).
+        self._spawner = spawner
         self.brokers: dict[str, Broker] = {}
         self.routes: dict[str, list[Broker]] = {}
         #: Names this busd among others on the machine: its socket path.
@@ -87,10 +92,13 @@ class Supervisor(SimplePlugin):
             # Opened here, after the PID file is ours: no other busd reads it.
             self.spool = Spool(settings.spool, settings.spool_fsync)
             self.daemon.continue_message_ids_after(self.spool.last_id)
+        # On the main thread, after the privilege drop: the fork server
+        # takes busd's credentials now (see spawner()).
+        spawner = self.spawner()
         started = self._submit(self._start(self.daemon.config))
-        # While the workers start: the orphans are not our children, so the
-        # new workers are never taken for them.
-        end_orphans(self.ORPHAN_MARK, self.identity)
+        # While the workers start: the orphans are neither our children nor
+        # the fork server's, so the new workers are never taken for them.
+        end_orphans(self.ORPHAN_MARK, self.identity, spare=spawner.pid)
         started.result()
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
@@ -99,6 +107,10 @@ class Supervisor(SimplePlugin):
         """Stop every broker's instances: ask, SIGTERM, SIGKILL."""
         if self.daemon.control.loop is not None:
             self._run(self._stop_all())
+        if self._spawner is not None:
+            self._spawner.close()  # no-op if _stop_all closed it on the loop
+            self._spawner.wait_closed()
+            self._spawner = None
         if self.spool is not None:
             self.spool.close()
             self.spool = None
@@ -167,6 +179,8 @@ class Supervisor(SimplePlugin):
         if self._ack_watch is not None:
             self._ack_watch.cancel()
         await asyncio.gather(*(b.stop() for b in self.brokers.values()))
+        if self._spawner is not None:
+            self._spawner.close()
 
     async def _reconfigure(self, config: Config) -> None:
         new = dict(config.brokers)
@@ -380,15 +394,31 @@ class Supervisor(SimplePlugin):
 
     # -- how workers are run --------------------------------------------------------
 
+    def spawner(self) -> Spawner:
+        """The fork server that starts the workers; started if need be.
+
+        ``busd run`` starts it before its own imports, to save time. Before
+        any worker, it takes busd's credentials and umask, which are final
+        once the privilege drop is done (this runs after it). If it died,
+        a new one is started here, with busd's credentials from the start.
+        """
+        if self._spawner is None or self._spawner.gone:
+            self._spawner = Spawner.launch(server_environment(self.identity))
+        if not self._spawner.became:
+            self._spawner.become(
+                os.getuid(), os.getgid(), os.getgroups(), current_umask()
+            )
+        return self._spawner
+
     def broker_cwd(self, config: BrokerConfig) -> str:
         """The broker's working directory; relative to the config file's."""
         base = os.path.dirname(self.daemon.config_path or "") or os.getcwd()
         return os.path.normpath(os.path.join(base, config.cwd)) if config.cwd else base
 
-    def process_owner(self, config: BrokerConfig) -> dict[str, Any]:
-        """``user``/``group`` arguments for the worker's process, if any."""
+    def process_owner(self, config: BrokerConfig) -> tuple[int, int, list[int]] | None:
+        """The broker's own user for its workers: uid, gid, groups; or None."""
         if config.user == "" or os.geteuid() != 0:
-            return {}
+            return None
         entry = (
             pwd.getpwuid(config.user)
             if isinstance(config.user, int)
@@ -398,9 +428,15 @@ class Supervisor(SimplePlugin):
         groups = [entry.pw_gid] + [
             g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem
         ]
-        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
+        return entry.pw_uid, entry.pw_gid, groups
 
     # -- reporting ------------------------------------------------------------------
+
+    def fork_server_pid(self) -> int | None:
+        """The fork server's PID while it runs (``busctl state``)."""
+        if self._spawner is None or self._spawner.gone:
+            return None
+        return self._spawner.pid
 
     def describe(self) -> dict[str, Any]:
         """Every broker's row for ``busctl state``."""
@@ -437,14 +473,18 @@ class Supervisor(SimplePlugin):
         return row
 
 
-def end_orphans(mark: str, identity: str) -> list[int]:
-    """Kill workers that an earlier busd with this identity left running."""
+def end_orphans(mark: str, identity: str, spare: int | None = None) -> list[int]:
+    """Kill workers that an earlier busd with this identity left running.
+
+    Neither busd's own children nor those of ``spare`` (its fork server)
+    are orphans.
+    """
     import psutil  # here, while the first workers start (Supervisor.start)
 
-    me = os.getpid()
+    ours = {os.getpid(), spare}
     found = []
     for process in psutil.process_iter(["pid", "ppid"]):
-        if process.pid == me or process.info["ppid"] == me:
+        if process.pid in ours or process.info["ppid"] in ours:
             continue
         try:
             environment = process.environ()
@@ -452,10 +492,12 @@ def end_orphans(mark: str, identity: str) -> list[int]:
             continue
         if environment.get(mark) != identity:
             continue
+        # A forked worker shows its fork server's environment: no broker.
+        broker = environment.get("BUSD_BROKER")
         log.warning(
             "Ending worker PID %d of broker %s left by an earlier busd",
             process.pid,
-            environment.get("BUSD_BROKER", "?"),
+            broker or "? (its fork server or a worker it forked)",
         )
         found.append(process)
         with contextlib.suppress(psutil.Error):

@@ -111,15 +111,18 @@ def one_line(message: str) -> str:
     return f"{head}: {exception}{where}"
 
 
-def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
-    """Have the kernel send ``signum`` to this process when busd dies.
+def set_parent_death_signal(
+    signum: int = signal.SIGTERM, parent: int | None = None
+) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies.
 
-    If busd died before this call, the signal will never come: exit now.
+    The parent is busd, or busd's fork server (``parent``, its PID). If it
+    died before this call, the signal will never come: exit now.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    expected = os.environ.get(PARENT_PID_VARIABLE)
+    expected = parent or os.environ.get(PARENT_PID_VARIABLE)
     if expected and os.getppid() != int(expected):
         os._exit(1)
 
@@ -300,15 +303,19 @@ def parse_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str] | N
     return options, command
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m busd.worker``."""
+def main(argv: list[str] | None = None, parent: int | None = None) -> int:
+    """Entry point of ``python -m busd.worker``.
+
+    ``parent`` is the PID of the fork server when it forked this worker
+    (busd/forkserver.py); by default the parent is busd (``BUSD_PID``).
+    """
     arguments = sys.argv[1:] if argv is None else list(argv)
     try:
         options, command = parse_arguments(arguments)
     except ValueError as error:
         print(f"{USAGE}\npython -m busd.worker: error: {error}", file=sys.stderr)
         return 2
-    set_parent_death_signal()
+    set_parent_death_signal(parent=parent)
     if command is not None:
         # busd set PYTHONPATH so that this wrapper finds busd; the program
         # gets the environment its broker was configured with.

@@ -75,6 +75,13 @@ class RunningDaemon:
     def client(self, timeout: float = 10.0) -> Client:
         return Client(self.socket, timeout=timeout)
 
+    def fork_server_pid(self) -> int:
+        """The PID of busd's fork server: its child, the workers' parent."""
+        with self.client() as client:
+            pid = client.call("state")["fork_server"]
+        assert psutil.Process(pid).ppid() == self.pid
+        return pid
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 

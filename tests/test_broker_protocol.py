@@ -131,7 +131,8 @@ def has_log(daemon: RunningDaemon, source: str, text: str) -> bool:
 def stop_and_check(daemon: RunningDaemon, broker_pids: list[int]) -> None:
     """Shut busd down; every broker stopped on its "stop" frame, exit 0."""
     descendants = psutil.Process(daemon.pid).children(recursive=True)
-    assert sorted(p.pid for p in descendants) == sorted(broker_pids)
+    everyone = [*broker_pids, daemon.fork_server_pid()]
+    assert sorted(p.pid for p in descendants) == sorted(everyone)
     assert daemon.stop() == 0, daemon.log_text()
     _, alive = psutil.wait_procs(descendants, timeout=DEADLINE)
     assert not alive, f"left running: {alive}"
@@ -220,8 +221,8 @@ def test_busd_gives_a_broker_its_environment_and_parent_death_signal(
         "BUSD_DAEMON": daemon.socket,
         "PROBE_VAR": "from the config",
         "pdeathsig": signal.SIGTERM,
-        # --exec replaced busd.worker: the broker is busd's own child.
-        "ppid": daemon.pid,
+        # Forked by busd's fork server, whose death ends it (pdeathsig).
+        "ppid": daemon.fork_server_pid(),
         "pid": pid,
     }
     stop_and_check(daemon, [pid])

@@ -588,9 +588,10 @@ def test_workers_die_with_a_killed_busd_which_then_starts_again(start_busd, tmp_
     )
     with daemon.client() as client:
         pids = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
+        pids.append(client.state()["fork_server"])
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait(10)
-    wait_for(lambda: all(gone(pid) for pid in pids), 2.0, f"workers {pids} to die")
+    wait_for(lambda: all(gone(pid) for pid in pids), 2.0, f"{pids} to die")
 
     again = launch_again(daemon)
     try:

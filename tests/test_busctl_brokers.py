@@ -81,7 +81,7 @@ def instance_pids(daemon: RunningDaemon) -> dict[int, int]:
 
 def assert_worker_of(daemon: RunningDaemon, pid: int) -> None:
     process = psutil.Process(pid)
-    assert process.is_running() and process.ppid() == daemon.pid
+    assert process.is_running() and process.ppid() == daemon.fork_server_pid()
 
 
 def running_rows(table: str) -> dict[int, int]:

@@ -71,6 +71,10 @@ NOT_USER_FACING = {
     "--instance needs a number, got": "worker command line, written by busd",
     "python -m busd.worker: error:": "worker command line, written by busd",
     "unknown argument": "worker command line, written by busd",
+    # `python -m busd.forkserver` is started by busd only, with its socket
+    # as the argument, and hears only busd's requests on it.
+    "usage: python -m busd.forkserver FD": "fork server command line, by busd",
+    "busd fork server: unknown request": "fork server requests, written by busd",
 }
 
 # Calls whose argument at this index (or keyword) is a message, by name.

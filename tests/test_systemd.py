@@ -159,7 +159,14 @@ def instances(described: dict) -> list[dict]:
 
 
 def worker_pids(systemd: Instance) -> set[int]:
-    found = systemd.run("pgrep", "-f", "busd.worker", check=False).stdout.split()
+    """The workers' PIDs, by their process names (``orders:0``...)."""
+    found = systemd.run("pgrep", "^orders:[0-9]+$", check=False).stdout.split()
+    return {int(pid) for pid in found}
+
+
+def fork_server_pids(systemd: Instance) -> set[int]:
+    """The fork servers' PIDs, by process name: one while busd runs."""
+    found = systemd.run("pgrep", "-x", "busd-forkserver", check=False).stdout.split()
     return {int(pid) for pid in found}
 
 
@@ -309,8 +316,10 @@ def test_broker_crash_is_logged_with_name_and_pid(busd: Instance) -> None:
 
 def test_sigkill_of_busd_makes_systemd_restart_it(busd: Instance) -> None:
     before = busd.props(UNIT, "MainPID", "NRestarts")
-    old_workers = {row["pid"] for row in instances(state(busd))}
+    described = state(busd)
+    old_workers = {row["pid"] for row in instances(described)}
     assert worker_pids(busd) == old_workers
+    assert fork_server_pids(busd) == {described["fork_server"]}
     busd.run("kill", "-KILL", before["MainPID"])
 
     def restarted() -> dict[str, str] | None:
@@ -325,6 +334,7 @@ def test_sigkill_of_busd_makes_systemd_restart_it(busd: Instance) -> None:
     new_workers = {row["pid"] for row in instances(described)}
     assert worker_pids(busd) == new_workers, "old workers left over"
     assert not new_workers & old_workers
+    assert fork_server_pids(busd) == {described["fork_server"]}
 
 
 def test_stop_leaves_no_process_and_no_socket(busd: Instance) -> None:
@@ -340,6 +350,7 @@ def test_stop_leaves_no_process_and_no_socket(busd: Instance) -> None:
     }
     assert busd.run("test", "-e", f"/sys/fs/cgroup{cgroup}", check=False).returncode
     assert worker_pids(busd) == set()
+    assert fork_server_pids(busd) == set()
     assert busd.run("test", "-e", SOCKET, check=False).returncode == 1
     assert busd.run("test", "-e", "/run/busd", check=False).returncode == 1
     log = busd.journal(UNIT)

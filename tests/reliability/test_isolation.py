@@ -29,7 +29,8 @@ def socket_inode(pid: int, path: str) -> str | None:
     with open("/proc/net/unix") as table:
         for line in table.readlines()[1:]:
             fields = line.split()
-            if len(fields) >= 8 and fields[7] == path:
+            # Flags 00010000: the listening socket, not a connection to it.
+            if len(fields) >= 8 and fields[7] == path and fields[3] == "00010000":
                 return f"socket:[{fields[6]}]"
     return None
 

@@ -1,0 +1,200 @@
+"""The fork server: busd's child that forks the workers (busd/forkserver.py).
+
+Real busd, real fork server, real workers: who is whose parent, what a
+forked worker sees (its directory, environment, import path, session,
+name), what happens when the fork server is killed, and that it ends
+with busd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+from conftest import busd_run, wait_for
+from test_brokers import broker, gone, rows, wait_states
+
+DEADLINE = 20.0
+
+# A handler in the broker's own directory: it writes what its process sees.
+FACTS_HANDLER = textwrap.dedent(
+    """
+    import json, os, sys
+
+    class Facts:
+        def __init__(self, bus):
+            facts = {
+                "cwd": os.getcwd(),
+                "path0": sys.path[0],
+                "module": __file__,
+                "env": os.environ.get("FACT_VAR"),
+                "busd_pid": os.environ.get("BUSD_PID"),
+                "pid": os.getpid(),
+                "sid": os.getsid(0),
+                "ppid": os.getppid(),
+                "umask": os.umask(0o022),
+                "argv": sys.argv[1:],
+                "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            }
+            with open(os.environ["FACTS"], "a") as out:
+                out.write(json.dumps(facts) + "\\n")
+    """
+)
+
+
+def test_workers_are_forked_by_busds_fork_server_which_ends_with_busd(start_busd):
+    daemon = start_busd(
+        config_text=broker("rec", "brokers_for_tests:Recorder", instances=2)
+    )
+    with daemon.client() as client:
+        pids = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
+        server = client.state()["fork_server"]
+    # busd -> fork server -> workers, each named in ps/top by its instance.
+    assert [p.pid for p in psutil.Process(daemon.pid).children()] == [server]
+    assert sorted(p.pid for p in psutil.Process(server).children()) == sorted(pids)
+    assert psutil.Process(server).name() == "busd-forkserver"
+    assert sorted(psutil.Process(p).name() for p in pids) == ["rec:0", "rec:1"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "busctl", "--socket", daemon.socket, "state"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"fork server PID {server}" in shown
+    assert daemon.stop() == 0
+    for pid in [server, *pids]:
+        assert gone(pid), pid
+    assert "did not exit" not in daemon.log_text()
+
+
+def test_a_forked_worker_has_its_brokers_directory_environment_and_path(
+    start_busd, tmp_path
+):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "facts_handler.py").write_text(FACTS_HANDLER)
+    facts_file = tmp_path / "facts.jsonl"
+    config = (
+        '[busd]\numask = "027"\n\n'
+        "[brokers.facts]\n"
+        'handler = "facts_handler:Facts"\n'
+        f'cwd = "{home}"\n'
+        f'env = {{ FACT_VAR = "from the config", FACTS = "{facts_file}" }}\n'
+    )
+    daemon = start_busd(config_text=config)
+    with daemon.client() as client:
+        [row] = wait_states(client, "facts", ["RUNNING"])
+        server = client.state()["fork_server"]
+    facts = json.loads(facts_file.read_text().splitlines()[-1])
+    assert facts["pid"] == row["pid"]
+    assert facts["cwd"] == str(home)
+    # The broker's directory comes first on the import path, as for a script.
+    assert (facts["path0"], facts["module"]) == (
+        str(home),
+        str(home / "facts_handler.py"),
+    )
+    assert facts["env"] == "from the config"
+    assert facts["busd_pid"] == str(daemon.pid)
+    # Its own session; the fork server is its parent; busd's umask.
+    assert (facts["sid"], facts["ppid"]) == (row["pid"], server)
+    assert facts["umask"] == 0o027
+    assert facts["argv"] == [
+        "--broker",
+        "facts",
+        "--instance",
+        "0",
+        "--handler",
+        "facts_handler:Facts",
+    ]
+    # Nothing of busd's or the fork server's: its three pipes, and what the
+    # worker opened itself (a wake-up pipe, the protocol's copy of stdout).
+    assert facts["fds"][:3] == [0, 1, 2]
+    held = {
+        os.readlink(f"/proc/{row['pid']}/fd/{fd}")
+        for fd in facts["fds"][3:]
+        if os.path.exists(f"/proc/{row['pid']}/fd/{fd}")
+    }
+    assert all(target.startswith("pipe:") for target in held), held
+    assert daemon.stop() == 0
+
+
+def test_a_killed_fork_server_takes_its_workers_and_busd_starts_them_again(
+    start_busd,
+):
+    daemon = start_busd(
+        config_text=broker("rec", "brokers_for_tests:Recorder", instances=2)
+    )
+    with daemon.client() as client:
+        old = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
+        server = client.state()["fork_server"]
+        os.kill(server, signal.SIGKILL)
+        wait_for(lambda: all(gone(p) for p in [server, *old]), DEADLINE, "all gone")
+
+        def replaced() -> bool:
+            now = rows(client, "rec")
+            return all(r["state"] == "RUNNING" and r["pid"] not in old for r in now)
+
+        wait_for(replaced, DEADLINE, "new workers running")
+        new_server = client.state()["fork_server"]
+        assert new_server not in (None, server)
+        assert psutil.Process(new_server).ppid() == daemon.pid
+        result = client.call("publish", channel="main", message="after", wait=True)
+        assert (result["acked"], result["dead"]) == (1, 0)
+    log = daemon.log_text()
+    assert f"The fork server (PID {server}) is gone" in log, log
+    assert "exit status unknown: the fork server died" in log or all(
+        f"(PID {p}): exited unexpectedly" in log for p in old
+    ), log
+    assert daemon.stop() == 0
+    assert gone(new_server)
+
+
+def test_a_missing_broker_directory_is_reported_and_the_instance_fails(
+    start_busd, tmp_path
+):
+    missing = tmp_path / "nowhere"
+    config = (
+        f'[brokers.lost]\nhandler = "brokers_for_tests:Recorder"\ncwd = "{missing}"\n'
+    )
+    daemon = start_busd(config_text=config)
+    with daemon.client() as client:
+        wait_states(client, "lost", ["FATAL"])
+    log = daemon.log_text()
+    assert f"error: cannot change to directory '{missing}'" in log, log
+    assert daemon.stop() == 0
+
+
+def test_the_fork_server_refuses_a_command_line_of_its_own():
+    result = subprocess.run(
+        [sys.executable, "-m", "busd.forkserver"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "usage: python -m busd.forkserver FD" in result.stderr
+
+
+def test_busd_run_with_a_broken_config_leaves_no_fork_server(tmp_path):
+    config = tmp_path / "busd.toml"
+    config.write_text(
+        '[brokers.rec]\nhandler = "brokers_for_tests:Recorder"\nuser = "no-such-user"\n'
+    )
+    before = {p.pid for p in psutil.process_iter() if p.name() == "busd-forkserver"}
+    run = subprocess.run(
+        busd_run(config, str(tmp_path / "busd.sock"), str(tmp_path / "busd.pid")),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert run.returncode == 78, run.stderr
+    assert "no-such-user" in run.stderr
+    after = {p.pid for p in psutil.process_iter() if p.name() == "busd-forkserver"}
+    assert after <= before
