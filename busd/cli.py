@@ -12,6 +12,10 @@ import sys
 
 from busd._version import __version__
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from busd.spawner import Spawner
+
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
@@ -122,19 +126,22 @@ def run(args: argparse.Namespace) -> int:
     # maps OpenSSL into the process for nothing (about 4 MiB of RSS, measured
     # in bench/control.py); marking ssl as absent makes asyncio skip it.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    # Daemonized, the fork server would be left behind by the fork; the
+    # supervisor starts it after that.
+    spawner = None if args.daemonize else launch_fork_server_early(args)
     from busd.config import DEFAULT_PATH, ConfigError, Overrides, load_config
 
     overrides = Overrides(
         socket=args.socket, pidfile=args.pidfile, log_level=args.log_level
     )
     config_path = os.path.abspath(args.config) if args.config else None
-    spawner = None
     try:
         config = overrides.apply(load_config(config_path))
-        if config.brokers and not args.daemonize:
-            # The fork server's interpreter starts while this one imports the
-            # daemon: the workers are ready sooner. (Daemonized, it would be
-            # left behind by the fork; the supervisor starts it then.)
+        if spawner is not None and (
+            not config.brokers or spawner.mark != config.busd.socket
+        ):
+            spawner = _let_go(spawner)  # the peek guessed wrong: start over
+        if spawner is None and config.brokers and not args.daemonize:
             from busd.spawner import Spawner, server_environment
 
             spawner = Spawner.launch(server_environment(config.busd.socket))
@@ -145,9 +152,7 @@ def run(args: argparse.Namespace) -> int:
             config, config_path=config_path, overrides=overrides, spawner=spawner
         )
     except (ConfigError, ValueError) as error:
-        if spawner is not None:
-            spawner.close()
-            spawner.wait_closed()
+        _let_go(spawner)
         where = (
             "" if isinstance(error, ConfigError) else f"{config_path or DEFAULT_PATH}: "
         )
@@ -158,6 +163,46 @@ def run(args: argparse.Namespace) -> int:
 
         Daemonizer(daemon.bus, stdout=args.log_file, stderr=args.log_file).subscribe()
     return daemon.run()
+
+
+def launch_fork_server_early(args: argparse.Namespace) -> Spawner | None:
+    """Start the fork server before the daemon's imports, if brokers are due.
+
+    Its interpreter then starts beside this one, and the workers are ready
+    sooner (busd/spawner.py). It needs busd's socket path (the orphan mark
+    its workers carry), which is why the file is peeked at here with
+    tomllib alone, before busd.config is even imported; ``run()`` checks
+    the guess against the loaded config. None when the peek finds no
+    broker, or cannot tell: then the supervisor starts the server later.
+    """
+    import tomllib
+
+    # The same defaults as busd.config (a wrong guess costs time only).
+    try:
+        with open(args.config or "/etc/busd/busd.toml", "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, ValueError):
+        return None  # load_config() will say what is wrong
+    settings = data.get("busd", {})
+    socket_path = (
+        os.path.abspath(args.socket)
+        if args.socket
+        else settings.get("socket", "/run/busd/busd.sock")
+        if isinstance(settings, dict)
+        else None
+    )
+    if not data.get("brokers") or not isinstance(socket_path, str):
+        return None
+    from busd.spawner import Spawner, server_environment
+
+    return Spawner.launch(server_environment(socket_path))
+
+
+def _let_go(spawner: Spawner | None) -> None:
+    """End a fork server that will not be used (None: nothing to do)."""
+    if spawner is not None:
+        spawner.close()
+        spawner.wait_closed()
 
 
 if __name__ == "__main__":

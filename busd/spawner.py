@@ -143,9 +143,16 @@ class WorkerProcess:
 class Spawner:
     """One fork server, seen from busd."""
 
-    def __init__(self, process: subprocess.Popen[bytes], channel: socket.socket):
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        channel: socket.socket,
+        mark: str | None = None,
+    ) -> None:
         self.process = process
         self.channel = channel
+        #: The orphan mark its workers carry: busd's socket path.
+        self.mark = mark
         self.gone = False
         #: Whether it took busd's credentials yet (``become``).
         self.became = False
@@ -178,7 +185,7 @@ class Spawner:
             raise
         finally:
             theirs.close()
-        return cls(process, ours)
+        return cls(process, ours, env.get(ORPHAN_MARK))
 
     @property
     def pid(self) -> int:

@@ -20,9 +20,9 @@ import grp
 import logging
 import os
 import pwd
+import threading
 import time
 from collections.abc import Coroutine, Iterable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import busd
@@ -93,13 +93,21 @@ class Supervisor(SimplePlugin):
             self.spool = Spool(settings.spool, settings.spool_fsync)
             self.daemon.continue_message_ids_after(self.spool.last_id)
         # On the main thread, after the privilege drop: the fork server
-        # takes busd's credentials now (see spawner()).
-        spawner = self.spawner()
-        started = self._submit(self._start(self.daemon.config))
-        # While the workers start: the orphans are neither our children nor
-        # the fork server's, so the new workers are never taken for them.
-        end_orphans(self.ORPHAN_MARK, self.identity, spare=spawner.pid)
-        started.result()
+        # takes busd's credentials now (see spawner()). With no broker yet,
+        # it is started when the first one is (a reload).
+        spare = self.spawner().pid if self.daemon.config.brokers else None
+        self._run(self._start(self.daemon.config))
+        # Workers a crashed busd left are ended now, in the background: they
+        # hear nothing from busd any more (their stdin is closed), and the
+        # search (psutil's import, /proc) would slow the start down. They are
+        # neither our children nor the fork server's, so the new workers are
+        # never taken for them.
+        threading.Thread(
+            target=end_orphans,
+            args=(self.ORPHAN_MARK, self.identity, spare),
+            name="busd-orphans",
+            daemon=True,
+        ).start()
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
 
@@ -135,15 +143,11 @@ class Supervisor(SimplePlugin):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _submit(self, coroutine: Coroutine[Any, Any, Any]) -> Future[Any]:
-        """Run ``coroutine`` on the I/O loop, from the main thread."""
-        loop = self.daemon.control.loop
-        assert loop is not None, "the control server's loop is not running"
-        return asyncio.run_coroutine_threadsafe(coroutine, loop)
-
     def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coroutine`` on the I/O loop and wait for its result."""
-        return self._submit(coroutine).result()
+        loop = self.daemon.control.loop
+        assert loop is not None, "the control server's loop is not running"
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     # -- on the loop ----------------------------------------------------------------
 
@@ -479,7 +483,7 @@ def end_orphans(mark: str, identity: str, spare: int | None = None) -> list[int]
     Neither busd's own children nor those of ``spare`` (its fork server)
     are orphans.
     """
-    import psutil  # here, while the first workers start (Supervisor.start)
+    import psutil  # here, in a thread of its own (Supervisor.start)
 
     ours = {os.getpid(), spare}
     found = []

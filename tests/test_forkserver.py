@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 from conftest import busd_run, wait_for
@@ -198,3 +199,56 @@ def test_busd_run_with_a_broken_config_leaves_no_fork_server(tmp_path):
     assert "no-such-user" in run.stderr
     after = {p.pid for p in psutil.process_iter() if p.name() == "busd-forkserver"}
     assert after <= before
+
+
+def test_without_brokers_there_is_no_fork_server_until_a_reload_adds_one(
+    start_busd,
+):
+    daemon = start_busd()
+    with daemon.client() as client:
+        assert client.state()["fork_server"] is None
+        assert psutil.Process(daemon.pid).children() == []
+        daemon.config.write_text(broker("rec", "brokers_for_tests:Recorder"))
+        client.reload()  # carried out on busd's main thread, soon
+        wait_for(lambda: "rec" in client.state()["brokers"], DEADLINE, "reload")
+        [row] = wait_states(client, "rec", ["RUNNING"])
+        server = client.state()["fork_server"]
+        assert psutil.Process(row["pid"]).ppid() == server
+        assert psutil.Process(server).ppid() == daemon.pid
+        result = client.call("publish", channel="main", message="x", wait=True)
+        assert result["acked"] == 1
+    assert daemon.stop() == 0
+    assert gone(server) and gone(row["pid"])
+
+
+def test_a_daemonized_busd_starts_its_fork_server_after_the_fork(tmp_path):
+    # `busd start` forks away from this process: a fork server started
+    # before that fork would be left behind, with the wrong parent.
+    config = tmp_path / "busd.toml"
+    config.write_text(broker("rec", "brokers_for_tests:Recorder", instances=2))
+    socket_path, pidfile = str(tmp_path / "busd.sock"), str(tmp_path / "busd.pid")
+    started = subprocess.run(
+        [
+            *(sys.executable, "-m", "busd", "start", "--config", str(config)),
+            *("--socket", socket_path, "--pidfile", pidfile),
+            *("--log-file", str(tmp_path / "busd.log")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    pid = int(Path(pidfile).read_text())
+    try:
+        from busctl import Client
+
+        with Client(socket_path) as client:
+            rows_ = wait_states(client, "rec", ["RUNNING"] * 2)
+            server = client.state()["fork_server"]
+        assert psutil.Process(server).ppid() == pid
+        assert {psutil.Process(r["pid"]).ppid() for r in rows_} == {server}
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: gone(pid), DEADLINE, "the daemonized busd to exit")
+    wait_for(lambda: gone(server), DEADLINE, "its fork server to exit")
