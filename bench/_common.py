@@ -74,6 +74,10 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("PYTHONPROFILEIMPORTTIME", None)
+    # A user's installed busd has its bytecode compiled (pip does that), as
+    # the peers' in bench/.venv-peers have; without it, every busd and
+    # worker start would compile the working tree's modules again.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.pop("NOTIFY_SOCKET", None)
     env.update(extra)
     return env

@@ -1,6 +1,8 @@
 """The worker side of a broker: one process, its own bus, frames on stdio.
 
-busd starts every broker instance as ``python -m busd.worker``:
+Every broker instance runs :func:`main` with the command line of
+``python -m busd.worker``; busd's fork server (busd/forkserver.py) calls it
+in a freshly forked child, which saves the interpreter start:
 
 - ``--handler module:Class`` runs a Python broker here: ``Class(bus)`` is
   built on this process's own :class:`WorkerBus` (a ``busd.Bus``), its
@@ -16,8 +18,8 @@ busd starts every broker instance as ``python -m busd.worker``:
   parent-death signal is set, then the program replaces this process and
   speaks the broker protocol itself (docs/broker-protocol.md).
 
-Either way the process dies with busd (``PR_SET_PDEATHSIG``), so no worker
-outlives it. The frames travel on stdin (busd -> worker) and stdout
+Either way the process dies with its parent, the fork server, which dies
+with busd (``PR_SET_PDEATHSIG``), so no worker outlives busd. The frames travel on stdin (busd -> worker) and stdout
 (worker -> busd); stderr is the worker's log. In a Python worker, ``print``
 and anything else written to ``sys.stdout`` goes to stderr, so it cannot
 corrupt the protocol.
