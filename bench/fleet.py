@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `bench/run` → `bench/fleet.py --write` ({repeats} "
             "repetitions, the supervisors taking turns, median; busd workers "
             "are `bench_brokers:Noop` instances (busd.worker, forked by busd's "
-            "fork server; RUNNING once they said ready), supervisord 4.3.0 and circus 0.19.0 "
+            "fork server; RUNNING once they said ready), supervisord 4.3.0 "
+            "and circus 0.19.0 "
             "from bench/.venv-peers run `idle_worker.py` on the same "
             "interpreter (RUNNING / active once spawned, `startsecs = 0`)).\n\n"
         )

@@ -202,6 +202,7 @@ class Supervisor(SimplePlugin):
                 await broker.scale(broker_config.instances)
             elif broker.config != broker_config:
                 only_count = _same_but_instances(broker.config, broker_config)
+                _warn_if_user_ignored(broker_config)
                 broker.config = broker_config
                 self._route()
                 if only_count:
@@ -233,6 +234,7 @@ class Supervisor(SimplePlugin):
                 )
 
     def _add(self, config: BrokerConfig) -> Broker:
+        _warn_if_user_ignored(config)
         broker = Broker(self, config)
         self.brokers[config.name] = broker
         return broker
@@ -508,6 +510,18 @@ def end_orphans(mark: str, identity: str, spare: int | None = None) -> list[int]
             process.kill()
     psutil.wait_procs(found, timeout=5)
     return [p.pid for p in found]
+
+
+def _warn_if_user_ignored(config: BrokerConfig) -> None:
+    """A broker's own ``user`` needs busd to run as root: say so if it does not."""
+    if config.user != "" and os.geteuid() != 0:
+        log.warning(
+            "Broker %s: user = %r is ignored: busd runs as uid %d, not root, "
+            "so its workers run as busd's user",
+            config.name,
+            config.user,
+            os.geteuid(),
+        )
 
 
 def _same_but_instances(old: BrokerConfig, new: BrokerConfig) -> bool:

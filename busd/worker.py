@@ -19,10 +19,10 @@ in a freshly forked child, which saves the interpreter start:
   speaks the broker protocol itself (docs/broker-protocol.md).
 
 Either way the process dies with its parent, the fork server, which dies
-with busd (``PR_SET_PDEATHSIG``), so no worker outlives busd. The frames travel on stdin (busd -> worker) and stdout
-(worker -> busd); stderr is the worker's log. In a Python worker, ``print``
-and anything else written to ``sys.stdout`` goes to stderr, so it cannot
-corrupt the protocol.
+with busd (``PR_SET_PDEATHSIG``), so no worker outlives busd. The frames
+travel on stdin (busd -> worker) and stdout (worker -> busd); stderr is the
+worker's log. In a Python worker, ``print`` and anything else written to
+``sys.stdout`` goes to stderr, so it cannot corrupt the protocol.
 
 No ``main`` ticks are published in a worker: ``main`` is an ordinary
 channel there, carrying messages. Periodic work uses the ``Monitor``

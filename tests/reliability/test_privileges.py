@@ -141,16 +141,23 @@ def records_dir(scratch: Path) -> Path:
 
 def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
     record = records_dir(scratch) / "rec.jsonl"
-    config = '[busd]\nuser = "nobody"\n\n' + broker(
-        "rec", "brokers_for_tests:Recorder", record, instances=2
+    # "root" asks for more than busd, once nobody, can give: ignored, said.
+    config = (
+        '[busd]\nuser = "nobody"\n\n'
+        + broker("rec", "brokers_for_tests:Recorder", record, instances=2)
+        + broker("wants_root", "brokers_for_tests:Recorder", channels=("x",))
+        + 'user = "root"\n'
     )
     with busd_in_namespace(scratch, config) as (busd, socket_path, pidfile, log):
         with Client(socket_path) as client:
             rows = wait_states(client, "rec", ["RUNNING"] * 2)
+            rows += wait_states(client, "wants_root", ["RUNNING"])
             assert client.state()["pid"] == busd.pid
+            fork_server = client.state()["fork_server"]
             client.call("publish", channel="main", message="as nobody", wait=True)
         workers = [row["pid"] for row in rows]
-        for pid in [busd.pid, *workers]:
+        # The fork server took busd's credentials before forking anyone.
+        for pid in [busd.pid, fork_server, *workers]:
             assert_runs_as_nobody(pid)
         assert record.stat().st_uid == NOBODY.pw_uid  # written by a worker
         assert [r["message"] for r in records(record)] == ["as nobody"]
@@ -165,7 +172,11 @@ def test_busd_and_its_workers_run_as_nobody_after_starting_as_root(scratch):
         "leaving it behind, unlocked." in text
     ), text
     print("\n" + "\n".join(line for line in text.splitlines() if "WARNING" in line))
-    assert all(gone(pid) for pid in workers)
+    assert all(gone(pid) for pid in [fork_server, *workers])
+    assert (
+        "Broker wants_root: user = 'root' is ignored: busd runs as uid 65534, "
+        "not root, so its workers run as busd's user" in text
+    ), text
 
 
 def test_a_brokers_own_user_applies_to_its_workers_only(scratch):
