@@ -27,9 +27,7 @@ unprivileged user choose the commands root starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
-import json
 import math
 import os
 import re
@@ -582,11 +580,17 @@ def _env(value: Any) -> Mapping[str, str]:
 
 
 # -- message helpers ---------------------------------------------------------
+# (json and difflib are imported where they are used: only messages about a
+# broken config need them, and busd's start is on the clock.)
 
 
 def _key(name: str) -> str:
     """``name`` as TOML writes it in a dotted key: bare if it can be."""
-    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+    if _BARE_KEY.fullmatch(name):
+        return name
+    import json
+
+    return json.dumps(name, ensure_ascii=False)
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -594,6 +598,8 @@ def _show(value: Any, limit: int = 60) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
+        import json
+
         short = value if len(value) <= limit else value[: limit - 5] + "..."
         return json.dumps(short, ensure_ascii=False)
     elif isinstance(value, dict):
@@ -606,6 +612,8 @@ def _show(value: Any, limit: int = 60) -> str:
 
 
 def _did_you_mean(word: str, options: Iterable[str], form: str) -> str:
+    import difflib
+
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {form.format(close[0])}?)" if close else ""
 
