@@ -114,6 +114,11 @@ class ForkServer:
                     return 0  # busd closed its end: it is done, or gone
                 try:
                     self.handle(msgpack.unpackb(data), fds)
+                except Exception:
+                    # One bad request must not end the server: every worker
+                    # would die with it.
+                    print("busd fork server: request failed:", file=sys.stderr)
+                    traceback.print_exc()
                 finally:
                     for fd in fds:
                         os.close(fd)
@@ -132,10 +137,19 @@ class ForkServer:
         elif op == "kill":
             # Only a child not reaped yet: its PID is still its own.
             if request["pid"] in self.children:
-                os.kill(request["pid"], request["signal"])
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(request["pid"], request["signal"])
         elif op == "become":
-            become(request["uid"], request["gid"], request["groups"])
-            os.umask(request["umask"])
+            try:
+                become(request["uid"], request["gid"], request["groups"])
+                os.umask(request["umask"])
+            except OSError as error:
+                # Fail closed: no worker may run with more than busd has.
+                print(
+                    f"busd fork server: cannot drop privileges: {error}",
+                    file=sys.stderr,
+                )
+                os._exit(1)
         else:
             print(f"busd fork server: unknown request {op!r}", file=sys.stderr)
 

@@ -226,6 +226,11 @@ class Instance:
         background = self.broker.supervisor.background
         background(self._read_log(process))
         background(self._wait_exit(process, stdout))
+        if self.state is S.STOPPING:
+            # stop() came while the fork server was forking this worker, and
+            # found nothing to ask: ask now, and press on as stop() does.
+            self._ask_to_stop()
+            background(self.stop())
 
     # -- what the worker says ----------------------------------------------------
 
@@ -432,12 +437,7 @@ class Instance:
             return
         if self.state is not S.STOPPING:
             self.change_state(S.STOPPING)
-            process = self.process
-            if process is not None and process.stdin is not None:
-                self.write_queued()  # what was delivered goes before the stop
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    process.stdin.write(encode_frame({"type": "stop"}))
-                    process.stdin.close()
+            self._ask_to_stop()
         for signum, wait in (
             (signal.SIGTERM, timeout / 2),
             (signal.SIGKILL, timeout / 2),
@@ -453,6 +453,15 @@ class Instance:
                 )
                 self._kill(signum)
         await self._exited.wait()
+
+    def _ask_to_stop(self) -> None:
+        """Send the worker a ``stop`` frame and close its stdin."""
+        process = self.process
+        if process is not None and process.stdin is not None:
+            self.write_queued()  # what was delivered goes before the stop
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                process.stdin.write(encode_frame({"type": "stop"}))
+                process.stdin.close()
 
     def check_ack_timeout(self, now: float) -> None:
         """Kill a RUNNING worker that has held a message past ``ack_timeout``.

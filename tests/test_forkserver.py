@@ -252,3 +252,53 @@ def test_a_daemonized_busd_starts_its_fork_server_after_the_fork(tmp_path):
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: gone(pid), DEADLINE, "the daemonized busd to exit")
     wait_for(lambda: gone(server), DEADLINE, "its fork server to exit")
+
+
+def test_the_fork_server_survives_bad_requests_and_ends_when_busd_closes():
+    # The server on its own, driven as busd drives it (busd/spawner.py).
+    import socket
+
+    import msgpack
+
+    from busd.spawner import server_environment
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(DEADLINE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "busd.forkserver", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        env=server_environment("/nonexistent/busd.sock"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    pipes = [os.pipe() for _ in range(3)]
+    # The worker's ends go to the server; ours stay here.
+    worker_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]
+    our_ends = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    try:
+        ours.send(msgpack.packb({"op": "kill"}))  # no PID: fails in the server
+        ours.send(msgpack.packb({"op": "no-such-op"}))
+        request = {
+            "op": "spawn",
+            "tag": 7,
+            "argv": ["--exec", "--", sys.executable, "-c", "raise SystemExit(3)"],
+            "env": dict(os.environ),
+            "cwd": "/",
+            "owner": None,
+            "name": "probe:0",
+        }
+        socket.send_fds(ours, [msgpack.packb(request)], worker_ends)
+        spawned = msgpack.unpackb(ours.recv(1 << 16))
+        assert spawned["op"] == "spawned" and spawned["tag"] == 7, spawned
+        exited = msgpack.unpackb(ours.recv(1 << 16))
+        assert exited == {"op": "exited", "pid": spawned["pid"], "status": 3}
+    finally:
+        ours.close()  # as busd does on its way out: the server ends
+        status = server.wait(DEADLINE)
+        for fd in worker_ends + our_ends:
+            os.close(fd)
+    assert status == 0
+    errors = server.stderr.read()
+    assert "busd fork server: request failed:" in errors, errors
+    assert "busd fork server: unknown request 'no-such-op'" in errors, errors
