@@ -1,7 +1,7 @@
 """The trivial broker of the benchmarks: every message is acknowledged at once.
 
-busd runs it as ``python -m busd.worker --handler bench_brokers:Noop`` with
-``bench/`` as the broker's ``cwd``.
+busd runs it in a worker forked by its fork server (``busd.worker --handler
+bench_brokers:Noop``), with ``bench/`` as the broker's ``cwd``.
 """
 
 from __future__ import annotations

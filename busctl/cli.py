@@ -1,8 +1,9 @@
 """The ``busctl`` command: talk to busd over its control socket.
 
 Exit statuses (sysexits.h): 0 ok, 1 other error, 64 usage, 69 busd not
-running, 75 busy or timed out (try again), 77 permission denied. Errors go
-to stderr as one line that says what to do.
+running, 75 busy or timed out (try again), 77 permission denied, 78 reload
+refused (broken config file). Errors go to stderr as one line that says
+what to do.
 
 Imports are lazy: ``busctl ping`` loads the client and msgpack, never the
 daemon or asyncio, so the command starts quickly. The commands that take no
@@ -29,10 +30,11 @@ EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
+EX_CONFIG = 78
 
 EXIT_STATUS = """\
 exit status: 0 ok, 1 error, 64 usage, 69 busd not running, 75 busy or
-timed out, 77 permission denied."""
+timed out, 77 permission denied, 78 broken config (reload)."""
 
 EPILOG = f"""\
 examples:
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except BusError as error:
         if error.code == "permission_denied":
             return _fail(f"{error.message}; ask an admin for access", EX_NOPERM)
+        if error.code == "bad_config":
+            return _fail(error.message, EX_CONFIG)
         if error.code == "busy":
             advice = "" if "try again" in error.message else "; try again later"
             return _fail(f"{error.message}{advice}", EX_TEMPFAIL)

@@ -184,9 +184,7 @@ class Daemon:
         stays as it was.
         """
         try:
-            new = self.overrides.apply(load_config(self.config_path))
-            check_names(new)
-            policy = access_policy(new)
+            new, policy = self.read_config()
         except (ConfigError, ValueError) as error:
             log.error("Reload refused, keeping the running configuration: %s", error)
             return
@@ -208,6 +206,16 @@ class Daemon:
         self.config = new
         self.supervisor.reconfigure(new)
         log.info("Reloaded configuration from %s", self.config_path or "defaults")
+
+    def read_config(self) -> tuple[Config, AccessPolicy]:
+        """The config file as a reload would apply it, and its access policy.
+
+        Raises ConfigError or ValueError (an unknown user or group) saying
+        what is wrong; nothing is applied here.
+        """
+        new = self.overrides.apply(load_config(self.config_path))
+        check_names(new)
+        return new, access_policy(new)
 
     def _announce_state(self, state: states) -> None:
         event = {"type": "bus", "state": state.name, "time": time.time()}

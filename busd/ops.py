@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from busd._version import __version__
+from busd.config import ConfigError
 from busd.control import READ, WRITE, Op, RequestContext
 from busd.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
@@ -191,6 +192,15 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
 
     def reload(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         _only(args, "reload")
+        # A broken file is refused here, where the caller hears it; the main
+        # thread reads the file again when it applies it.
+        try:
+            daemon.read_config()
+        except (ConfigError, ValueError) as error:
+            raise ProtocolError(
+                ErrorCode.BAD_CONFIG,
+                f"reload refused, the running configuration stays: {error}",
+            ) from None
         daemon.request_main_thread("graceful", f"requested by {ctx.peer}")
         return {"reloading": True}
 

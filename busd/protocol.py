@@ -65,6 +65,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_CHANNEL = "unknown_channel"
     BUSY = "busy"  # a queue is full: try again later
     NOT_FOUND = "not_found"  # no such broker or instance
+    BAD_CONFIG = "bad_config"  # reload refused: busd's config file is broken
     INTERNAL = "internal"  # a bug in busd: the log has the details
 
 

@@ -4,6 +4,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,12 +131,29 @@ def test_reload_applies_a_good_config_and_refuses_a_broken_one(busd_daemon):
         assert client.reload() == {"reloading": True}
         wait_for(lambda: "Reloaded configuration" in busd_daemon.log_text())
         busd_daemon.config.write_text("[busd]\nlog_level = 42\n")
+        graceful = busd_daemon.log_text().count("Bus graceful")
+        # busctl reload hears the refusal; nothing is applied.
+        with pytest.raises(BusError) as refused:
+            client.reload()
+        assert refused.value.code == "bad_config"
+        assert "[busd] log_level: expected" in refused.value.message
+        # A SIGHUP cannot be answered: the refusal is in the log.
         os.kill(busd_daemon.pid, signal.SIGHUP)
         wait_for(lambda: "Reload refused" in busd_daemon.log_text())
+        # One graceful: the SIGHUP's (the refused op scheduled none).
+        assert busd_daemon.log_text().count("Bus graceful") == graceful + 1
         assert client.ping() == "pong"
         assert client.state()["state"] == "STARTED"
     log = busd_daemon.log_text()
     assert "[busd] log_level: expected" in log
+    result = subprocess.run(
+        [sys.executable, "-m", "busctl", "--socket", busd_daemon.socket, "reload"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 78, result
+    assert result.stderr.startswith("busctl: reload refused, the running"), result
     assert busd_daemon.stop() == 0
 
 
