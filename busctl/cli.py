@@ -483,8 +483,15 @@ def cmd_logs(client: Any, args: argparse.Namespace) -> int:
     from busctl.render import render_log_entry
 
     answer = client.logs(lines=args.lines, follow=args.follow, source=args.source)
-    recent = answer.result["lines"] if args.follow else answer["lines"]
-    for entry in recent:
+    result = answer.result if args.follow else answer
+    left_out = result.get("left_out", 0)
+    if left_out:
+        print(
+            f"busctl: {left_out} older lines left out (one answer holds at most "
+            "768 KiB of log); busd's own log (journalctl -u busd) has them all",
+            file=sys.stderr,
+        )
+    for entry in result["lines"]:
         _print(args, entry, render_log_entry(entry))
     if args.follow:
         for entry in answer:

@@ -28,6 +28,11 @@ log = logging.getLogger("busd")
 
 MAX_CHANNEL_LENGTH = 128
 MAX_LOG_LINES = 10_000
+# A logs answer stays under every client's default largest frame (1 MiB):
+# the newest lines that fit are sent, and the rest counted ("left_out").
+LOGS_ANSWER_BYTES = 768 * 1024
+# What an entry's fields besides its text take, at most, encoded.
+LOG_ENTRY_OVERHEAD = 200
 
 
 def build_ops(daemon: Daemon) -> dict[str, Op]:
@@ -179,6 +184,9 @@ def build_ops(daemon: Daemon) -> dict[str, Op]:
 
             daemon.ring.follow(forward)
             ctx.open_stream(lambda: daemon.ring.unfollow(forward))
+        fit = newest_that_fit(recent, LOGS_ANSWER_BYTES)
+        if len(fit) < len(recent):
+            return {"lines": fit, "left_out": len(recent) - len(fit)}
         return {"lines": recent}
 
     def cancel(ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -258,3 +266,13 @@ def _describe(value: Any) -> str:
         return "nothing"
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def newest_that_fit(entries: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """The newest of ``entries`` (oldest first) whose encoded size fits ``budget``."""
+    used = 0
+    for taken, entry in enumerate(reversed(entries)):
+        used += len(entry["message"].encode()) + LOG_ENTRY_OVERHEAD
+        if used > budget:
+            return entries[len(entries) - taken :]
+    return entries

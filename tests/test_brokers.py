@@ -852,3 +852,39 @@ def test_restart_policies(start_busd, tmp_path):
         if r["redelivered"]
     ]
     assert sorted(again) == [("always", 0), ("onfail", 0), ("onfail", 1)]
+
+
+def test_logs_of_long_lines_fit_in_one_answer_and_say_what_was_left_out(
+    start_busd, tmp_path
+):
+    # 200 lines of 8 KiB (each cut to MAX_LOG_LINE) are 1.6 MB: more than a
+    # client's largest frame (1 MiB). The newest fit; the rest is counted.
+    path = tmp_path / "flood.jsonl"
+    daemon = start_busd(config_text=broker("flood", "brokers_for_tests:Flooder", path))
+    with daemon.client() as client:
+        result = client.call(
+            "publish", channel="main", message={"flood": 200}, wait=True
+        )
+        assert result["acked"] == 1
+        wait_for(
+            lambda: "flood done" in [e["message"] for e in log_lines(client, "flood")],
+            20,
+            "the last line in the ring",
+        )
+        answer = client.logs(lines=1000, source="flood")
+    messages = [e["message"] for e in answer["lines"]]
+    assert messages[-1] == "flood done"
+    assert answer["left_out"] > 0
+    assert len(messages) + answer["left_out"] >= 201
+    shown = subprocess.run(
+        [
+            *(sys.executable, "-m", "busctl", "--socket", daemon.socket),
+            *("logs", "flood", "-n", "1000"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.rstrip().endswith("flood done")
+    assert f"{answer['left_out']} older lines left out" in shown.stderr, shown.stderr
