@@ -7,6 +7,9 @@ import datetime
 import os
 import platform
 import re
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -81,6 +84,88 @@ def child_env(**extra: str) -> dict[str, str]:
     env.pop("NOTIFY_SOCKET", None)
     env.update(extra)
     return env
+
+
+STARTUP_DEADLINE = 30.0
+
+
+def wait_until(
+    check: Callable[[], bool],
+    process: subprocess.Popen,
+    what: str,
+    deadline: float = STARTUP_DEADLINE,
+) -> None:
+    """Poll ``check`` until it is true; fail if ``process`` ends or time runs out.
+
+    ``check`` may raise while ``process`` is still starting (nothing listens
+    yet): that counts as not yet.
+    """
+    until = time.monotonic() + deadline
+    while True:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
+        if time.monotonic() > until:
+            raise RuntimeError(f"{what} not ready within {deadline} s")
+        time.sleep(0.02)  # polling another process: no event to wait on
+
+
+def pings(sock: str) -> Callable[[], bool]:
+    """A check for ``wait_until``: the server on ``sock`` answers ``ping``."""
+
+    def check() -> bool:
+        from busctl.client import Client  # the caller put the tree on sys.path
+
+        with Client(sock, timeout=2) as client:
+            return client.ping() == "pong"
+
+    return check
+
+
+def start_busd(
+    tmp: Path,
+    busd: list[str],
+    env: dict[str, str],
+    config_text: str = "",
+    ready: Callable[[str], Callable[[], bool]] = pings,
+    deadline: float = STARTUP_DEADLINE,
+) -> tuple[subprocess.Popen, str]:
+    """``busd run`` (``busd`` is its command) with ``config_text``, on a
+    socket in ``tmp``, logging to tmp/busd.log; return once ``ready(sock)``
+    holds (by default: it answers ping)."""
+    config = tmp / "busd.toml"
+    config.write_text(config_text)
+    sock = str(tmp / "busd.sock")
+    with open(tmp / "busd.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                *(*busd, "run", "--config", str(config)),
+                *("--socket", sock, "--pidfile", str(tmp / "busd.pid")),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=tmp,
+        )
+    wait_until(ready(sock), process, "busd", deadline)
+    return process, sock
+
+
+def start_echo(
+    tmp: Path, python: str, env: dict[str, str], deadline: float = STARTUP_DEADLINE
+) -> tuple[subprocess.Popen, str]:
+    """bench/echo_server.py on a socket in ``tmp``, once it answers ping."""
+    sock = str(tmp / "echo.sock")
+    process = subprocess.Popen(
+        [python, str(BENCH / "echo_server.py"), sock],
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    wait_until(pings(sock), process, "echo server", deadline)
+    return process, sock
 
 
 def free_port() -> int:

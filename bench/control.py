@@ -55,14 +55,15 @@ import tempfile
 import time
 import tomllib
 import xmlrpc.client
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _common
 import msgpack
 import psutil
-from _common import machine, now, write_section
+from _common import machine, now, percentile, wait_until, write_section
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -180,58 +181,12 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(5)
 
 
-def wait_until(check: Callable[[], bool], process: subprocess.Popen[bytes], what: str):
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while True:
-        with contextlib.suppress(Exception):
-            if check():
-                return
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not answer within {STARTUP_DEADLINE} s")
-        time.sleep(0.02)
-
-
 def start_busd(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
-    config = tmp / "busd.toml"
-    config.write_text("")
-    sock = str(tmp / "busd.sock")
-    with open(tmp / "busd.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                *(*rt.busd, "run", "--config", str(config)),
-                *("--socket", sock, "--pidfile", str(tmp / "busd.pid")),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=rt.env,
-            cwd=tmp,
-        )
-
-    def answers() -> bool:
-        with Client(sock, timeout=2) as client:
-            return client.ping() == "pong"
-
-    wait_until(answers, process, "busd")
-    return process, sock
+    return _common.start_busd(tmp, rt.busd, rt.env, deadline=STARTUP_DEADLINE)
 
 
 def start_echo(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
-    sock = str(tmp / "echo.sock")
-    process = subprocess.Popen(
-        [rt.python, str(BENCH / "echo_server.py"), sock],
-        stdin=subprocess.DEVNULL,
-        env=rt.env,
-    )
-
-    def answers() -> bool:
-        with Client(sock, timeout=2) as client:
-            return client.ping() == "pong"
-
-    wait_until(answers, process, "echo server")
-    return process, sock
+    return _common.start_echo(tmp, rt.python, rt.env, deadline=STARTUP_DEADLINE)
 
 
 SUPERVISORD_CONF = """\
@@ -294,7 +249,7 @@ def start_supervisord(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
             rpc.close()
         return info["statename"] == "RUNNING"
 
-    wait_until(sleeper_running, process, "supervisord")
+    wait_until(sleeper_running, process, "supervisord", STARTUP_DEADLINE)
     return process, conf, sock
 
 
@@ -468,11 +423,6 @@ def time_round_trips(
     finally:
         gc.enable()
     return samples
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 # -- 3. memory -----------------------------------------------------------------

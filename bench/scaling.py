@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 from _common import (
     BUSD_PYTHON,
     ROOT,
@@ -39,7 +40,7 @@ from _common import (
 
 sys.path.insert(0, str(ROOT))
 import control
-from throughput import start_echo, wait_for
+from throughput import start_echo
 
 from busctl.client import Client
 
@@ -77,28 +78,7 @@ class IdlePool:
 
 def start_busd(tmp: Path) -> tuple[subprocess.Popen, str]:
     """busd from the working tree with no broker."""
-    config = tmp / "busd.toml"
-    config.write_text("")
-    sock = str(tmp / "busd.sock")
-    with open(tmp / "busd.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                *(str(BUSD_PYTHON), "-m", "busd", "run", "--config", str(config)),
-                *("--socket", sock, "--pidfile", str(tmp / "busd.pid")),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=child_env(),
-            cwd=tmp,
-        )
-
-    def answers() -> bool:
-        with Client(sock, timeout=2) as client:
-            return client.ping() == "pong"
-
-    wait_for(answers, process, "busd")
-    return process, sock
+    return _common.start_busd(tmp, [str(BUSD_PYTHON), "-m", "busd"], child_env())
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, dict[int, list[float]]]:

@@ -37,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _common
 import psutil
 from _common import (
     BENCH,
@@ -53,6 +55,7 @@ from _common import (
     percentile,
     stop_tree,
     target_table,
+    wait_until,
     write_section,
     write_targets,
 )
@@ -64,7 +67,6 @@ SECTION = "## Publish -> ack throughput"
 TARGET_RATE = 50_000
 TARGET_LATENCY_RATIO = 3.0
 MESSAGE = "BUY ABCD 10"
-STARTUP_DEADLINE = 30.0
 
 BUSD_CONFIG = """\
 [brokers.bench]
@@ -76,64 +78,24 @@ queue_size = 1000000
 """
 
 
-def wait_for(check, process: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while True:
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {STARTUP_DEADLINE} s")
-        time.sleep(0.02)
-
-
 def start_busd(tmp: Path) -> tuple[subprocess.Popen, str]:
-    config = tmp / "busd.toml"
-    config.write_text(BUSD_CONFIG.format(bench=BENCH))
-    sock = str(tmp / "busd.sock")
-    with open(tmp / "busd.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                *(str(BUSD_PYTHON), "-m", "busd", "run", "--config", str(config)),
-                *("--socket", sock, "--pidfile", str(tmp / "busd.pid")),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=child_env(),
-            cwd=tmp,
-        )
+    """busd with the bench broker, once both its instances are RUNNING."""
 
-    def running() -> bool:
-        with Client(sock, timeout=2) as client:
-            broker = client.state()["brokers"]["bench"]
-        return all(i["state"] == "RUNNING" for i in broker["instances"])
+    def running(sock: str) -> Callable[[], bool]:
+        def check() -> bool:
+            with Client(sock, timeout=2) as client:
+                broker = client.state()["brokers"]["bench"]
+            return all(i["state"] == "RUNNING" for i in broker["instances"])
 
-    wait_for(running, process, "busd")
-    return process, sock
+        return check
+
+    busd = [str(BUSD_PYTHON), "-m", "busd"]
+    config = BUSD_CONFIG.format(bench=BENCH)
+    return _common.start_busd(tmp, busd, child_env(), config, ready=running)
 
 
 def start_echo(tmp: Path) -> tuple[subprocess.Popen, str]:
-    sock = str(tmp / "echo.sock")
-    process = subprocess.Popen(
-        [str(BUSD_PYTHON), str(BENCH / "echo_server.py"), sock],
-        stdin=subprocess.DEVNULL,
-        env=child_env(),
-    )
-
-    def answers() -> bool:
-        with Client(sock, timeout=2) as client:
-            return client.ping() == "pong"
-
-    wait_for(answers, process, "echo server")
-    return process, sock
-
-
-# -- busd throughput -------------------------------------------------------------
+    return _common.start_echo(tmp, str(BUSD_PYTHON), child_env())
 
 
 def _publisher(sock: str, count: int, window: int, wait: bool, barrier, out) -> None:
@@ -319,7 +281,7 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
         return done.stdout.strip() == "PONG"
 
     if shutil.which("redis-cli"):
-        wait_for(answers, process, "redis-server")
+        wait_until(answers, process, "redis-server")
     else:
         time.sleep(0.5)
     return process, port
