@@ -140,11 +140,8 @@ def run(args: argparse.Namespace) -> int:
         if spawner is not None and (
             not config.brokers or spawner.mark != config.busd.socket
         ):
-            spawner = _let_go(spawner)  # the peek guessed wrong: start over
-        if spawner is None and config.brokers and not args.daemonize:
-            from busd.spawner import Spawner, server_environment
-
-            spawner = Spawner.launch(server_environment(config.busd.socket))
+            # The peek guessed wrong: the supervisor starts the right one.
+            spawner = _let_go(spawner)
         from busd.daemon import Daemon, check_names
 
         check_names(config)
@@ -173,7 +170,8 @@ def launch_fork_server_early(args: argparse.Namespace) -> Spawner | None:
     its workers carry), which is why the file is peeked at here with
     tomllib alone, before busd.config is even imported; ``run()`` checks
     the guess against the loaded config. None when the peek finds no
-    broker, or cannot tell: then the supervisor starts the server later.
+    broker, or cannot tell: then the supervisor starts the server when it
+    starts the brokers.
     """
     import tomllib
 

@@ -202,9 +202,14 @@ def set_process_name(name: str) -> None:
 def become(uid: int, gid: int, groups: list[int]) -> None:
     """Take these credentials (root can; anyone else has them already)."""
     if os.geteuid() == 0 and (uid, gid) != (0, 0):
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
+        set_credentials(uid, gid, groups)
+
+
+def set_credentials(uid: int, gid: int, groups: list[int]) -> None:
+    """Groups, then group, then user: after setuid() the others are denied."""
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def run_worker(
@@ -229,10 +234,7 @@ def run_worker(
     set_process_name(request.get("name") or "busd-worker")
     owner = request.get("owner")
     if owner is not None:
-        uid, gid, groups = owner
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
+        set_credentials(*owner)
     cwd = request["cwd"]
     env = request["env"]
     try:

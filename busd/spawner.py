@@ -27,6 +27,8 @@ import sys
 
 import msgpack
 
+import busd
+
 # ``busd run`` starts the fork server before it imports asyncio (about 20
 # ms): the server's start should overlap busd's, not follow it.
 TYPE_CHECKING = False
@@ -43,18 +45,20 @@ CLOSE_WAIT = 5.0
 ORPHAN_MARK = "BUSD_DAEMON"
 
 
+#: Where ``import busd`` works from: first on the fork server's PYTHONPATH,
+#: and on each handler worker's.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(busd.__file__)))
+
+
 def server_environment(identity: str) -> dict[str, str]:
     """The fork server's environment: busd's, and what the server needs.
 
     It must find busd (the directory holding the package goes first on
     PYTHONPATH), know busd's PID, and carry the orphan mark.
     """
-    import busd
-
     env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(busd.__file__)))
     own = env.get("PYTHONPATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, own) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, own) if p)
     env["BUSD_PID"] = str(os.getpid())
     env[ORPHAN_MARK] = identity
     return env
@@ -194,9 +198,9 @@ class Spawner:
 
     def become(self, uid: int, gid: int, groups: list[int], umask: int) -> None:
         """Have the server (and its later workers) take these credentials."""
-        request = {"op": "become", "uid": uid, "gid": gid, "groups": groups}
-        request["umask"] = umask
-        self._send(request)
+        self._send(
+            {"op": "become", "uid": uid, "gid": gid, "groups": groups, "umask": umask}
+        )
         self.became = True
 
     def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -309,10 +313,7 @@ class Spawner:
         """The server is gone: every worker's exit is unknown from here."""
         if self.gone:
             return
-        self.gone = True
-        assert self._loop is not None
-        self._loop.remove_reader(self.channel)
-        self.channel.close()
+        self.close()
         status = self.process.poll()
         log.error(
             "The fork server (PID %d) is gone%s; its %d workers end with it",
@@ -327,7 +328,7 @@ class Spawner:
         for process in self._processes.values():
             process.exited(None)
         self._processes.clear()
-        if status is None:
+        if status is None and self._loop is not None:
             # Collect it off the loop: it may take a moment to be gone.
             self._loop.run_in_executor(None, self.process.wait)
 

@@ -25,7 +25,6 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-import busd
 from busd.broker import DEAD_CHANNEL, Broker
 from busd.config import BrokerConfig, Config
 from busd.control import Pending
@@ -33,7 +32,13 @@ from busd.instance import Delivery, Instance, InstanceState
 from busd.outbox import Outbox
 from busd.plugins.base import SimplePlugin
 from busd.protocol import ErrorCode, FrameEncoder, ProtocolError
-from busd.spawner import ORPHAN_MARK, Spawner, current_umask, server_environment
+from busd.spawner import (
+    ORPHAN_MARK,
+    PACKAGE_ROOT,
+    Spawner,
+    current_umask,
+    server_environment,
+)
 from busd.spool import Spool, SpoolError
 
 if TYPE_CHECKING:
@@ -72,9 +77,7 @@ class Supervisor(SimplePlugin):
         #: Names this busd among others on the machine: its socket path.
         self.identity = daemon.config.busd.socket
         #: Where ``import busd`` works from, for handler workers.
-        self.package_root = os.path.dirname(
-            os.path.dirname(os.path.abspath(busd.__file__))
-        )
+        self.package_root = PACKAGE_ROOT
         self._changed: asyncio.Condition | None = None
         self._ps: dict[int, Any] = {}  # PID -> psutil.Process
         self._tasks: set[asyncio.Task[Any]] = set()
