@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from busd.protocol import CHANNEL_NAME_RULE, is_channel_name
+
 __all__ = [
     "DEFAULT_PATH",
     "LOG_LEVELS",
@@ -64,7 +66,6 @@ _MAX_SOCKET_PATH = 107
 _MAX_ID = 2**32 - 2  # uid_t/gid_t; (uid_t)-1 means "no change" to the kernel
 _MAX_FRAME = 2**32 - 1  # the frame length prefix is 4 bytes
 _BROKER_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -543,10 +544,8 @@ def _list_of(
 
 
 def _channel(value: Any) -> str:
-    if not isinstance(value, str) or not _CHANNEL_NAME.fullmatch(value):
-        raise _Invalid(
-            "a channel name of 1 to 64 letters, digits, '-', '_' or '.'", value
-        )
+    if not is_channel_name(value):
+        raise _Invalid(f"a channel name of {CHANNEL_NAME_RULE}", value)
     return value
 
 

@@ -20,7 +20,6 @@ EX_CONFIG = 78
 
 def start_detached(args: argparse.Namespace) -> int:
     """Start ``busd run --daemonize`` with the same settings; wait for ping."""
-    from busctl.client import Client, ClientError
     from busd.config import ConfigError, Overrides, load_config
 
     config_path = os.path.abspath(args.config) if args.config else None
@@ -35,13 +34,10 @@ def start_detached(args: argparse.Namespace) -> int:
         print(f"busd: {error}", file=sys.stderr)
         return EX_CONFIG
     socket_path = config.busd.socket
-    try:
-        with Client(socket_path, timeout=2) as client:
-            pid = client.hello()["pid"]
+    pid = answering_pid(socket_path, timeout=2)
+    if pid is not None:
         print(f"busd is already running: PID {pid} on {socket_path}")
         return 0
-    except ClientError:
-        pass
 
     log_file = _absolute(args.log_file) or os.path.join(
         os.path.dirname(config.busd.pidfile), "busd.log"
@@ -82,13 +78,11 @@ def start_detached(args: argparse.Namespace) -> int:
 
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        try:
-            with Client(socket_path, timeout=1) as client:
-                hello = client.hello()
-        except ClientError:
+        pid = answering_pid(socket_path, timeout=1)
+        if pid is None:
             time.sleep(0.05)  # polling an outside process: no event to wait on
             continue
-        print(f"busd started: PID {hello['pid']}, socket {socket_path}, log {log_file}")
+        print(f"busd started: PID {pid}, socket {socket_path}, log {log_file}")
         return 0
     print(
         f"busd: the daemon did not answer on {socket_path} within {args.wait:g} s; "
@@ -97,6 +91,35 @@ def start_detached(args: argparse.Namespace) -> int:
     )
     sys.stderr.write(_read_from(log_file, log_offset) or "(nothing)\n")
     return EX_UNAVAILABLE
+
+
+def answering_pid(socket_path: str, timeout: float) -> int | None:
+    """The PID of the busd that answers ``hello`` on ``socket_path``, or None.
+
+    One request on the wire protocol (busd/protocol.py), so that busd does
+    not depend on its client package.
+    """
+    import socket
+
+    from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(encode_frame({"id": 1, "op": "hello"}))
+            decoder = FrameDecoder()
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return None
+                for answer in decoder.feed(data):
+                    if isinstance(answer, dict) and answer.get("id") == 1:
+                        result = answer.get("result")
+                        pid = result.get("pid") if isinstance(result, dict) else None
+                        return pid if isinstance(pid, int) else None
+    except (OSError, ProtocolError):
+        return None
 
 
 def _absolute(path: str | None) -> str | None:

@@ -69,7 +69,7 @@ class LogRing(logging.Handler):
             "level": record.levelname.lower(),
             "source": getattr(record, "source", "busd"),
         }
-        # A worker's line (see busd.supervisor) carries its own fields and
+        # A worker's line (see busd.supervision.supervisor) carries its own fields and
         # its bare text, without the "orders:0[PID]" prefix of busd's log.
         for key in ("instance", "pid"):
             if hasattr(record, key):

@@ -262,3 +262,30 @@ def error_reply(
 
 def _type(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
+
+
+# -- channel names ---------------------------------------------------------------
+
+#: The one rule for a channel name, in the config, in every op and in a
+#: worker's publish (docs/protocol.md).
+CHANNEL_NAME_RULE = "1 to 64 letters, digits, '-', '_' or '.'"
+MAX_CHANNEL_LENGTH = 64
+_CHANNEL_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+)
+#: Where a message that failed too often is published.
+DEAD_CHANNEL = "dead"
+
+
+def is_channel_name(value: object) -> bool:
+    """Whether ``value`` is a valid channel name (``CHANNEL_NAME_RULE``)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_CHANNEL_LENGTH
+        and _CHANNEL_CHARACTERS.issuperset(value)
+    )
+
+
+#: The environment variable that carries a ``command`` broker's own
+#: PYTHONPATH through the worker wrapper, which restores it before exec.
+ORIGINAL_PYTHONPATH = "BUSD_ORIGINAL_PYTHONPATH"

@@ -24,12 +24,15 @@ import psutil
 from conftest import STARTUP_DEADLINE, answers, wait_for
 
 from busctl.client import BusError, Client, Timeout
-from busd.instance import FAST_FAILURE_SECONDS, MAX_FAST_FAILURES, MAX_LOG_LINE
+from busd.supervision.pipes import MAX_LOG_LINE
+from busd.supervision.services import RestartTiming
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 BUSCTL = [sys.executable, "-m", "busctl"]
 BUSD_RUN = [sys.executable, "-m", "busd", "run"]
+FAST_FAILURE_SECONDS = RestartTiming.fast_failure_seconds
+MAX_FAST_FAILURES = RestartTiming.max_fast_failures
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from typing import Any
 
-from busd.instance import WorkerStdout
 from busd.outbox import Outbox
 from busd.protocol import ProtocolError, encode_frame
+from busd.supervision.pipes import WorkerStdout
 
 DEADLINE = 10.0
 
@@ -84,7 +84,7 @@ def read_child_stdout(*chunks: bytes) -> Instance:
         child = subprocess.Popen([sys.executable, "-c", script], stdout=frames_in)
         os.close(frames_in)
         try:
-            stdout = WorkerStdout(instance)  # type: ignore[arg-type]
+            stdout = WorkerStdout(instance.frames_received, instance.broken_frame)
             pipe = os.fdopen(frames_out, "rb", buffering=0)
             await loop.connect_read_pipe(lambda: stdout, pipe)
             await asyncio.wait_for(stdout.closed, DEADLINE)  # the child exited

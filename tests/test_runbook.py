@@ -6,7 +6,7 @@ it. A message is *user-facing* when the source passes it to one of:
 
 - the error types whose text reaches the operator: ``ProtocolError`` and
   ``BusError`` (their message argument), ``ConfigError``, ``_Invalid`` (the
-  "expected ..." and note parts of a config error line), ``ops._bad``
+  "expected ..." and note parts of a config error line), ``ops.args.bad``
   (the "expected" part of a bad request), ``error_reply``;
 - any ``raise SomeClass(...)`` (its message argument; ``OSError(errno,
   text)`` its second argument);
@@ -83,7 +83,7 @@ MESSAGE_ARGUMENTS: dict[str, tuple[int | str, ...]] = {
     "BusError": (1, "message"),
     "ConfigError": (0,),
     "_Invalid": (0, 3, "expected", "note"),
-    "_bad": (2,),
+    "bad": (2,),
     "error_reply": (2,),
     "_fail": (0,),
 }
@@ -355,7 +355,7 @@ def test_the_extraction_finds_the_known_messages() -> None:
         "no broker ... (configured: ...)",  # ProtocolError's second argument
         "too many clients; try again later",  # error_reply
         "cannot bind control socket ...: ...",  # OSError(errno, text)
-        "a list of integers",  # ops._bad's "expected"
+        "a list of integers",  # ops.args.bad's "expected"
         "busd: the daemon failed to start; its log ... says:",  # print(stderr)
         "...: ...; see `... --help`\n",  # busctl's ArgumentParser.exit
     ):

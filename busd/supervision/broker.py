@@ -7,12 +7,14 @@ Delivery rules (docs/architecture.md):
 - ``dispatch()`` hands queued messages to RUNNING instances round-robin,
   each holding at most ``max_inflight`` unacknowledged messages;
 - an ack settles the message; a nack sends it round again until it has
-  failed ``max_retries + 1`` times, then it goes to the ``dead`` channel
-  and the log;
-- the unacknowledged messages of an instance that dies go back to the head
-  of the queue, flagged ``redelivered`` (at-least-once delivery).
+  failed ``max_retries + 1`` times, then it is settled ``dead`` (the router
+  publishes it on the ``dead`` channel);
+- the unacknowledged messages of an instance that dies or is stopped go
+  back to the head of the queue, flagged ``redelivered`` (at-least-once).
 
-Everything here runs on busd's I/O loop.
+A broker is a *route* of the router (busd/router.py): ``name``,
+``busy_reason()``, ``accept()`` and ``restore()``. Everything here runs on
+busd's I/O loop.
 """
 
 from __future__ import annotations
@@ -20,26 +22,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
 
 from busd.config import BrokerConfig
-from busd.instance import Delivery, Instance, InstanceState
-
-if TYPE_CHECKING:
-    from busd.supervisor import Supervisor
+from busd.protocol import DEAD_CHANNEL
+from busd.supervision.delivery import Delivery
+from busd.supervision.instance import Instance
+from busd.supervision.services import PoolServices
+from busd.supervision.states import InstanceState
 
 log = logging.getLogger("busd.broker")
-
-DEAD_CHANNEL = "dead"
 
 
 class Broker:
     """One ``[brokers.NAME]`` table brought to life."""
 
-    def __init__(self, supervisor: Supervisor, config: BrokerConfig) -> None:
-        self.supervisor = supervisor
+    def __init__(self, config: BrokerConfig, services: PoolServices) -> None:
         self.config = config
         self.name = config.name
+        self.services = services
         self.instances: list[Instance] = []
         self.queue: collections.deque[Delivery] = collections.deque()
         self._next = 0  # round-robin position
@@ -49,11 +49,25 @@ class Broker:
         self.dead = 0
         self.redelivered = 0
 
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels whose messages this broker takes."""
+        return self.config.channels
+
+    def reconfigure(self, config: BrokerConfig) -> None:
+        """Take a reloaded config (same name); instances read it from now on."""
+        self.config = config
+        for instance in self.instances:
+            instance.config = config
+
     # -- the pool -----------------------------------------------------------------
 
     async def scale(self, count: int) -> None:
         """Run ``count`` instances: start new ones, stop the highest extra ones."""
-        new = [Instance(self, i) for i in range(len(self.instances), count)]
+        new = [
+            Instance(self.config, i, self, self.services)
+            for i in range(len(self.instances), count)
+        ]
         self.instances.extend(new)
         # Together: each start awaits its process's pipes being connected.
         await asyncio.gather(*(instance.start() for instance in new))
@@ -65,14 +79,14 @@ class Broker:
 
     async def start(self, index: int | None = None) -> None:
         """Start one instance, or every stopped one."""
-        instances = self._select(index)
+        instances = self.select(index)
         for instance in instances:
             instance.reset()
         await asyncio.gather(*(instance.start() for instance in instances))
 
     async def stop(self, index: int | None = None) -> None:
         """Stop one instance, or all, in parallel."""
-        await asyncio.gather(*(i.stop() for i in self._select(index)))
+        await asyncio.gather(*(i.stop() for i in self.select(index)))
 
     async def restart(self, index: int | None = None) -> None:
         """Stop then start, one instance after the other (rolling).
@@ -80,13 +94,14 @@ class Broker:
         Messages keep flowing to the other instances meanwhile, and what the
         stopped one had not acknowledged is delivered again: none is lost.
         """
-        for instance in self._select(index):
+        for instance in self.select(index):
             await instance.stop()
             instance.reset()
             await instance.start()
-            await self.supervisor.wait_settled([instance])
+            await self.services.wait_settled([instance])
 
-    def _select(self, index: int | None) -> list[Instance]:
+    def select(self, index: int | None) -> list[Instance]:
+        """Instance ``index``, or every instance (None); LookupError if none."""
         if index is None:
             return list(self.instances)
         if not 0 <= index < len(self.instances):
@@ -96,17 +111,33 @@ class Broker:
             )
         return [self.instances[index]]
 
-    # -- messages ---------------------------------------------------------------
+    def running(self) -> int:
+        """How many instances are RUNNING."""
+        return sum(i.state is InstanceState.RUNNING for i in self.instances)
 
-    def has_room(self) -> bool:
-        """Whether one more message fits in the queue."""
-        return len(self.queue) < self.config.queue_size
+    # -- messages (the route) -----------------------------------------------------
+
+    def busy_reason(self) -> str | None:
+        """Why one more message does not fit now, or None when it does."""
+        if len(self.queue) < self.config.queue_size:
+            return None
+        return (
+            f"broker {self.name!r} has {len(self.queue)} messages queued "
+            f"(queue_size {self.config.queue_size})"
+        )
 
     def accept(self, delivery: Delivery) -> None:
-        """Queue ``delivery`` (the caller checked ``has_room``) and dispatch."""
+        """Queue ``delivery`` (the caller checked ``busy_reason``) and dispatch."""
         self.accepted += 1
         self.queue.append(delivery)
         self.dispatch()
+
+    def restore(self, delivery: Delivery) -> None:
+        """Queue a message accepted before busd restarted (from the spool).
+
+        Not dispatched here: the instances are not started yet.
+        """
+        self.queue.append(delivery)
 
     def dispatch(self) -> None:
         """Hand queued messages to instances with room, round-robin."""
@@ -121,12 +152,14 @@ class Broker:
             else:
                 return  # every instance is busy or not running
 
+    # -- what instances report (the Pool protocol) ------------------------------
+
     def acked(self, deliveries: list[Delivery]) -> None:
         """An instance acknowledged ``deliveries`` (one ack frame)."""
         self.acked_count += len(deliveries)
-        settled = self.supervisor.settled
+        settle, name = self.services.settle, self.name
         for delivery in deliveries:
-            settled(self, delivery, "acked")
+            settle(name, delivery, "acked", "")
         self.dispatch()
 
     def nacked(self, instance: Instance, delivery: Delivery, error: str) -> None:
@@ -159,16 +192,14 @@ class Broker:
             DEAD_CHANNEL,
             error,
         )
-        self.supervisor.settled(self, delivery, "dead")
-        if delivery.channel != DEAD_CHANNEL:  # a dead letter that dies stays dead
-            self.supervisor.publish_dead(self, delivery, error)
+        self.services.settle(self.name, delivery, "dead", error)
 
     def requeue(self, instance: Instance, deliveries: list[Delivery]) -> None:
         """Put the messages of a dead or stopped instance back, first in line.
 
         A message that made workers hang past ``ack_timeout`` more than
-        ``max_retries`` times is a poison message: it goes to ``dead``
-        instead of hanging the next worker too.
+        ``max_retries`` times is a poison message: it is dead, instead of
+        hanging the next worker too.
         """
         for delivery in reversed(deliveries):
             if delivery.timeouts > self.config.max_retries:
@@ -178,25 +209,3 @@ class Broker:
             self.redelivered += 1
             self.queue.appendleft(delivery)
         self.dispatch()
-
-    # -- reporting ----------------------------------------------------------------
-
-    def describe(self) -> dict[str, Any]:
-        """This broker's row of ``busctl state``."""
-        return {
-            "channels": list(self.config.channels),
-            "handler": self.config.handler,
-            "command": list(self.config.command) if self.config.command else None,
-            "queued": len(self.queue),
-            "queue_size": self.config.queue_size,
-            "accepted": self.accepted,
-            "acked": self.acked_count,
-            "retried": self.retried,
-            "dead": self.dead,
-            "redelivered": self.redelivered,
-            "instances": [self.supervisor.describe_instance(i) for i in self.instances],
-        }
-
-    def running(self) -> int:
-        """How many instances are RUNNING."""
-        return sum(i.state is InstanceState.RUNNING for i in self.instances)

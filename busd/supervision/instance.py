@@ -1,138 +1,77 @@
 """One broker instance: a worker process, its states, and its pipes.
 
-An instance lives on busd's I/O loop. Its worker runs busd/worker.py,
-forked by the fork server (busd/spawner.py), with pipes on stdin, stdout
-and stderr: frames go down stdin, acks and publishes come up stdout, log
-lines come on stderr.
-Its life, with every transition made by :meth:`Instance.change_state`::
-
-                 start()           "ready" frame
-      STOPPED ------------> STARTING ------------> RUNNING
-         ^  ^                 |    \\                 |   \\
-         |   \\   stop()       |     \\ exit           |    \\ stop()
-         |    \\-------- STOPPING <---\\-------------------/   (ask, SIGTERM,
-         |                            \\             | exit      SIGKILL)
-         |        backoff timer        V             V
-         |   BACKOFF <------------- (exited unexpectedly: restart policy)
-         |      |   too many fast failures
-         |      +---------------------------> FATAL   (busctl start resets)
-         +--- restart policy says no, or stop() while in BACKOFF/FATAL
+An instance lives on busd's I/O loop. Its worker is started by the
+``launch`` it is given (busd's forks it from the fork server, with pipes on
+stdin, stdout and stderr): frames go down stdin, acks and publishes come up
+stdout, log lines come on stderr. Its life is the diagram of
+``busd.supervision.states``; every transition is made by
+:meth:`Instance.change_state`.
 
 A failure is *fast* when the worker never reported ready or died within
-``FAST_FAILURE_SECONDS`` of it; ``MAX_FAST_FAILURES`` in a row give FATAL.
-Between restarts the delay doubles from ``BACKOFF_FIRST`` up to
-``BACKOFF_CAP``.
+``fast_failure_seconds`` of it; ``max_fast_failures`` in a row give FATAL.
+Between restarts the delay doubles from ``backoff_first`` up to
+``backoff_cap`` (``RestartTiming``).
+
+An instance reports to two parties, both given when it is made: its
+``pool`` (the broker: acks, nacks, requeues, room for more) and the
+``PoolServices`` (state changes, log lines, a worker's publishes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import os
 import signal
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from busd.protocol import FrameDecoder, ProtocolError, encode_frame
-from busd.worker import ORIGINAL_PYTHONPATH
-
-if TYPE_CHECKING:
-    from busd.broker import Broker
-    from busd.spawner import WorkerProcess
+from busd.config import BrokerConfig
+from busd.protocol import ProtocolError, encode_frame
+from busd.supervision.delivery import Delivery
+from busd.supervision.pipes import (
+    MAX_LOG_LINE,
+    WorkerStdout,
+    describe_status,
+    read_log_line,
+)
+from busd.supervision.services import PoolServices, ProcessHandle
+from busd.supervision.states import ALIVE, ALLOWED, WAITING, InstanceState
 
 log = logging.getLogger("busd.broker")
 
-FAST_FAILURE_SECONDS = 1.0
-MAX_FAST_FAILURES = 5
-BACKOFF_FIRST = 0.1
-BACKOFF_CAP = 30.0
-MAX_LOG_LINE = 8192
-WORKER_MAX_FRAME = 64 << 20
-
-
-class InstanceState(enum.Enum):
-    """Where a worker process is in its life (see the module diagram)."""
-
-    STOPPED = "STOPPED"
-    STARTING = "STARTING"
-    RUNNING = "RUNNING"
-    BACKOFF = "BACKOFF"
-    STOPPING = "STOPPING"
-    FATAL = "FATAL"
-
-
 S = InstanceState
-ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
-    S.STOPPED: frozenset({S.STARTING}),
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.BACKOFF, S.FATAL, S.STOPPED}),
-    S.RUNNING: frozenset({S.STOPPING, S.BACKOFF, S.FATAL, S.STOPPED}),
-    S.BACKOFF: frozenset({S.STARTING, S.STOPPED}),
-    S.STOPPING: frozenset({S.STOPPED}),
-    S.FATAL: frozenset({S.STARTING, S.STOPPED}),
-}
 
 
-class Delivery:
-    """One message on its way to one broker.
+class Pool(Protocol):
+    """What an instance reports its messages to (its broker)."""
 
-    A plain class with slots, not a dataclass: one is made for every
-    message and broker, and this is the cheapest to build.
-    """
+    def acked(self, deliveries: list[Delivery]) -> None:
+        """The worker acknowledged ``deliveries``."""
 
-    __slots__ = (
-        "attempts",
-        "channel",
-        "errors",
-        "id",
-        "message",
-        "on_settled",
-        "redelivered",
-        "sent_at",
-        "timeouts",
-    )
+    def nacked(self, instance: Instance, delivery: Delivery, error: str) -> None:
+        """The worker's listeners failed on ``delivery``."""
 
-    def __init__(
-        self,
-        id: int,
-        channel: str,
-        message: Any,
-        on_settled: Callable[[str], None] | None = None,
-        redelivered: bool = False,
-    ) -> None:
-        self.id = id
-        self.channel = channel
-        self.message = message
-        # Called once with "acked" or "dead" (publish --wait listens here).
-        self.on_settled = on_settled
-        self.redelivered = redelivered
-        self.attempts = 0
-        self.errors: list[str] = []
-        # When it was last handed to a worker (time.monotonic()), for ack_timeout.
-        self.sent_at = 0.0
-        # How many workers were killed for holding it past ack_timeout.
-        self.timeouts = 0
+    def requeue(self, instance: Instance, deliveries: list[Delivery]) -> None:
+        """The worker is gone with ``deliveries`` unacknowledged."""
 
-    def __repr__(self) -> str:
-        return f"Delivery({self.id}, {self.channel!r}, attempts={self.attempts})"
-
-    def settle(self, outcome: str) -> None:
-        """Report the final outcome to whoever waits for it."""
-        if self.on_settled is not None:
-            self.on_settled(outcome)
-            self.on_settled = None
+    def dispatch(self) -> None:
+        """An instance has room for more messages."""
 
 
 class Instance:
     """One worker process of a broker."""
 
-    def __init__(self, broker: Broker, index: int) -> None:
-        self.broker = broker
+    def __init__(
+        self, config: BrokerConfig, index: int, pool: Pool, services: PoolServices
+    ) -> None:
+        #: The broker's config; its broker sets a new one on reload.
+        self.config = config
         self.index = index
+        self.pool = pool
+        self.services = services
         self.state = InstanceState.STOPPED
-        self.process: WorkerProcess | None = None
+        self.process: ProcessHandle | None = None
         self.pid: int | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -145,8 +84,8 @@ class Instance:
         # Encoded deliver frames for the outbox's next write (write_queued),
         # and the process they are for.
         self._outgoing: list[bytes] = []
-        self._outgoing_to: WorkerProcess | None = None
-        self._encode = broker.supervisor.encode
+        self._outgoing_to: ProcessHandle | None = None
+        self._encode = services.encode
         self._backoff: asyncio.TimerHandle | None = None
         self._exited: asyncio.Event = asyncio.Event()
         self._exited.set()
@@ -154,7 +93,7 @@ class Instance:
     @property
     def name(self) -> str:
         """``broker:index``, as in logs and ``busctl``."""
-        return f"{self.broker.name}:{self.index}"
+        return f"{self.config.name}:{self.index}"
 
     def __str__(self) -> str:
         return f"{self.name} (PID {self.pid})" if self.pid else self.name
@@ -170,49 +109,21 @@ class Instance:
                 f"{self.name}: no transition {self.state.name} -> {new.name}"
             )
         old, self.state = self.state, new
-        self.broker.supervisor.announce(self, old, reason)
+        self.services.state_changed(self, old, reason)
 
     # -- starting ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawn the worker process (STARTING); it is RUNNING once it says so."""
-        if self.state in (S.STARTING, S.RUNNING, S.STOPPING):
+        """Start the worker process (STARTING); it is RUNNING once it says so."""
+        if self.state in ALIVE:
             return
         self._cancel_backoff()
         self.change_state(S.STARTING)
-        config = self.broker.config
-        supervisor = self.broker.supervisor
-        argv = ["--broker", config.name, "--instance", str(self.index)]
-        if config.handler:
-            argv += ["--handler", config.handler]
-        else:
-            argv += ["--exec", "--", *config.command]
-        env = {
-            **os.environ,
-            **config.env,
-            "BUSD_PID": str(os.getpid()),
-            "BUSD_BROKER": config.name,
-            "BUSD_INSTANCE": str(self.index),
-            supervisor.ORPHAN_MARK: supervisor.identity,
-        }
-        cwd = supervisor.broker_cwd(config)
-        # busd's own package must be importable by the worker wrapper; a
-        # handler's module is imported relative to the broker's cwd, like a
-        # script's. A command broker gets its own PYTHONPATH back before exec.
-        own = env.get("PYTHONPATH", "")
-        first = (cwd,) if config.handler else ()
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (*first, supervisor.package_root, own) if p
-        )
-        if not config.handler:
-            env[ORIGINAL_PYTHONPATH] = own
         self.started_at = time.time()
         self.ready_at = None
         try:
-            process = await supervisor.spawner().spawn(
-                argv, env, cwd, supervisor.process_owner(config), self.name
-            )
-        except OSError as error:
+            process = await self.services.launch(self.config, self.index)
+        except (OSError, ValueError) as error:
             log.error("%s: cannot start: %s", self.name, error)
             self.last_exit = f"cannot start: {error}"
             self._after_exit(fast=True)
@@ -221,14 +132,14 @@ class Instance:
         self.pid = process.pid
         self._exited = asyncio.Event()
         log.info("%s: started, PID %d", self.name, self.pid)
-        stdout = WorkerStdout(self)
+        stdout = WorkerStdout(self.frames_received, self.broken_frame)
         await process.connect(stdout, stderr_limit=MAX_LOG_LINE)
-        background = self.broker.supervisor.background
+        background = self.services.background
         background(self._read_log(process))
         background(self._wait_exit(process, stdout))
         if self.state is S.STOPPING:
-            # stop() came while the fork server was forking this worker, and
-            # found nothing to ask: ask now, and press on as stop() does.
+            # stop() came while the worker was being started, and found
+            # nothing to ask: ask now, and press on as stop() does.
             self._ask_to_stop()
             background(self.stop())
 
@@ -238,7 +149,7 @@ class Instance:
         """Act on the frames of one read of the worker's stdout."""
         # The answers (publish --wait) and new deliveries these acks
         # release leave together, at the end.
-        with self.broker.supervisor.outbox.hold():
+        with self.services.outbox.hold():
             for frame in frames:
                 if isinstance(frame, ProtocolError):
                     log.error("%s: unreadable frame ignored: %s", self, frame.message)
@@ -263,21 +174,28 @@ class Instance:
             done = [d for d in map(self._take, ids) if d is not None]
             if done:
                 self.acked += len(done)
-                self.broker.acked(done)
+                self.pool.acked(done)
         elif kind == "nack":
             delivery = self._take(frame.get("id"))
             if delivery is not None:
                 self.nacked += 1
-                self.broker.nacked(self, delivery, str(frame.get("error", "")))
+                self.pool.nacked(self, delivery, str(frame.get("error", "")))
         elif kind == "publish":
-            self.broker.supervisor.publish_from_worker(self, frame)
+            self._publish(frame)
         elif kind == "ready":
             if self.state is S.STARTING:
                 self.ready_at = time.time()
                 self.change_state(S.RUNNING)
-                self.broker.dispatch()
+                self.pool.dispatch()
         else:
             log.warning("%s: ignoring a frame of unknown type %r", self, kind)
+
+    def _publish(self, frame: dict[str, Any]) -> None:
+        channel = frame.get("channel")
+        if not isinstance(channel, str) or not channel:
+            log.warning("%s: publish without a channel name ignored", self)
+            return
+        self.services.publish(str(self), channel, frame.get("message"))
 
     def _take(self, delivery_id: Any) -> Delivery | None:
         """Remove and return the in-flight delivery with this id.
@@ -290,7 +208,7 @@ class Instance:
             return None
         return self.inflight.pop(delivery_id, None)
 
-    async def _read_log(self, process: WorkerProcess) -> None:
+    async def _read_log(self, process: ProcessHandle) -> None:
         assert process.stderr is not None
         pid = process.pid
         while True:
@@ -298,9 +216,9 @@ class Instance:
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
-            self.broker.supervisor.worker_log(self, pid, line)
+            self.services.log_line(self, pid, line)
 
-    async def _wait_exit(self, process: WorkerProcess, stdout: WorkerStdout) -> None:
+    async def _wait_exit(self, process: ProcessHandle, stdout: WorkerStdout) -> None:
         status = await process.wait()
         # Its last acks first: what it acknowledged is not delivered again.
         await stdout.closed
@@ -319,8 +237,9 @@ class Instance:
             self.pid = None
             self.change_state(S.STOPPED)
             return
+        timing = self.services.timing
         ran = time.time() - (self.ready_at or time.time())
-        fast = self.ready_at is None or ran < FAST_FAILURE_SECONDS
+        fast = self.ready_at is None or ran < timing.fast_failure_seconds
         log.error(
             "%s: exited unexpectedly (%s)%s",
             f"{self.name} (PID {process.pid})",
@@ -335,12 +254,13 @@ class Instance:
 
     def _after_exit(self, fast: bool, clean: bool = False) -> None:
         """Apply the restart policy after an unexpected exit."""
-        policy = str(self.broker.config.restart)
+        policy = str(self.config.restart)
         if policy == "never" or (policy == "on-failure" and clean):
             self.change_state(S.STOPPED, f"restart = {policy}")
             return
+        timing = self.services.timing
         self.fast_failures = self.fast_failures + 1 if fast else 1
-        if self.fast_failures >= MAX_FAST_FAILURES:
+        if self.fast_failures >= timing.max_fast_failures:
             log.error(
                 "%s: FATAL after %d fast failures in a row; `busctl start %s` "
                 "tries again",
@@ -350,7 +270,9 @@ class Instance:
             )
             self.change_state(S.FATAL, f"{self.fast_failures} fast failures")
             return
-        delay = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** (self.fast_failures - 1))
+        delay = min(
+            timing.backoff_cap, timing.backoff_first * 2 ** (self.fast_failures - 1)
+        )
         self.change_state(S.BACKOFF, f"restarting in {delay:g} s")
         loop = asyncio.get_running_loop()
         self._backoff = loop.call_later(delay, self._restart_after_backoff)
@@ -359,7 +281,7 @@ class Instance:
         self._backoff = None
         if self.state is S.BACKOFF:
             self.restarts += 1
-            self.broker.supervisor.background(self.start())
+            self.services.background(self.start())
 
     def _requeue_inflight(self) -> None:
         if self.inflight:
@@ -370,7 +292,7 @@ class Instance:
                 self.name,
                 len(deliveries),
             )
-            self.broker.requeue(self, deliveries)
+            self.pool.requeue(self, deliveries)
 
     # -- what busd tells the worker -------------------------------------------
 
@@ -394,7 +316,7 @@ class Instance:
         # a dispatch after a batch of acks hands out many messages at once.
         if not self._outgoing:
             self._outgoing_to = self.process
-            self.broker.supervisor.outbox.add(self)
+            self.services.outbox.add(self)
         self._outgoing.append(frame)
 
     def write_queued(self) -> None:
@@ -414,10 +336,7 @@ class Instance:
 
     def has_room(self) -> bool:
         """Whether this instance can take one more message now."""
-        return (
-            self.state is S.RUNNING
-            and len(self.inflight) < self.broker.config.max_inflight
-        )
+        return self.state is S.RUNNING and len(self.inflight) < self.config.max_inflight
 
     # -- stopping -----------------------------------------------------------------
 
@@ -428,9 +347,9 @@ class Instance:
         message in hand; SIGTERM follows half-way through ``timeout``, and
         SIGKILL at its end. Unacknowledged messages go to other instances.
         """
-        timeout = self.broker.config.stop_timeout if timeout is None else timeout
+        timeout = self.config.stop_timeout if timeout is None else timeout
         self._cancel_backoff()
-        if self.state in (S.BACKOFF, S.FATAL):
+        if self.state in WAITING:
             self.change_state(S.STOPPED, "stopped while not running")
             return
         if self.state is S.STOPPED:
@@ -468,7 +387,7 @@ class Instance:
 
         Its messages then go to another instance (see ``_wait_exit``).
         """
-        timeout = self.broker.config.ack_timeout
+        timeout = self.config.ack_timeout
         if not timeout or self.state is not S.RUNNING or not self.inflight:
             return
         oldest = min(self.inflight.values(), key=lambda d: d.sent_at)
@@ -497,73 +416,3 @@ class Instance:
     def reset(self) -> None:
         """Forget past fast failures (``busctl start`` after FATAL)."""
         self.fast_failures = 0
-
-
-class WorkerStdout(asyncio.Protocol):
-    """A worker's stdout: each read's frames go straight to the instance.
-
-    (A StreamReader would hand each read on one loop turn later: on the
-    path of every ack.)
-    """
-
-    def __init__(self, instance: Instance) -> None:
-        self.instance = instance
-        self.decoder = FrameDecoder(WORKER_MAX_FRAME)
-        self.broken = False
-        #: Done when the worker's end of the pipe is closed (it exited).
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        """Decode and hand over the frames ``data`` completes."""
-        if self.broken:
-            return  # read on and drop: the worker is being killed
-        try:
-            frames = self.decoder.feed(data)
-        except ProtocolError as error:
-            self.broken = True
-            self.instance.broken_frame(error)
-            return
-        self.instance.frames_received(frames)
-
-    def eof_received(self) -> None:
-        """The worker closed stdout; connection_lost follows."""
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """The pipe is closed: the worker exited (or closed its stdout)."""
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-
-async def read_log_line(stream: asyncio.StreamReader) -> bytes:
-    """The next line of ``stream`` (b"" at its end), cut to ``MAX_LOG_LINE``.
-
-    A longer line keeps its start, marked ``[line truncated]``; the rest of
-    it is read and dropped. (``readline()`` would drop the start instead, and
-    the rest would come out as pieces of the line's middle.)
-    """
-    try:
-        return await stream.readuntil(b"\n")
-    except asyncio.IncompleteReadError as error:
-        return error.partial  # the last line had no newline
-    except asyncio.LimitOverrunError:
-        pass  # the buffer holds more than MAX_LOG_LINE bytes of this line
-    head = await stream.read(MAX_LOG_LINE)
-    while True:
-        try:
-            await stream.readuntil(b"\n")
-            break
-        except asyncio.IncompleteReadError:
-            break
-        except asyncio.LimitOverrunError as error:
-            await stream.read(error.consumed)  # no newline in them
-    return head + b" [line truncated]"
-
-
-def describe_status(status: int) -> str:
-    """``exit status 3`` or ``killed by SIGKILL`` from a returncode."""
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"

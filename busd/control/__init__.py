@@ -1,0 +1,3 @@
+"""The control socket: who may call (access), the socket file (socket),
+one client (connection), the plugin that serves it (server), and what an
+op is given and answers with (requests)."""
