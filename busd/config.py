@@ -490,7 +490,7 @@ def _absolute_path(max_bytes: int | None = None) -> Callable[[Any], str]:
 
 def _optional_absolute_path(value: Any) -> str:
     if value == "":
-        return value
+        return ""
     try:
         return _absolute_path()(value)
     except _Invalid:
@@ -552,7 +552,7 @@ def _channel(value: Any) -> str:
 def _handler(value: Any) -> str:
     module, _, attr = value.partition(":") if isinstance(value, str) else ("", "", "")
     parts = [*module.split("."), *attr.split(".")]
-    if not all(part.isidentifier() for part in parts):
+    if not isinstance(value, str) or not all(part.isidentifier() for part in parts):
         raise _Invalid('a "module:Class" string like "examples.stock:Broker"', value)
     return value
 

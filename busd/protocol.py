@@ -27,7 +27,7 @@ import msgpack
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeGuard
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -277,7 +277,7 @@ _CHANNEL_CHARACTERS = frozenset(
 DEAD_CHANNEL = "dead"
 
 
-def is_channel_name(value: object) -> bool:
+def is_channel_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a valid channel name (``CHANNEL_NAME_RULE``)."""
     return (
         isinstance(value, str)

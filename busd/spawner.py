@@ -305,9 +305,9 @@ class Spawner:
             else:  # the spawn was cancelled: nobody will run this worker
                 self.kill(process.pid, signal.SIGKILL)
         elif op == "exited":
-            process = self._processes.pop(report["pid"], None)
-            if process is not None:
-                process.exited(report["status"])
+            exited = self._processes.pop(report["pid"], None)
+            if exited is not None:
+                exited.exited(report["status"])
 
     def _lost(self) -> None:
         """The server is gone: every worker's exit is unknown from here."""

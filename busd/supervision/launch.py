@@ -89,7 +89,7 @@ class WorkerLauncher:
         if config.handler:
             argv += ["--handler", config.handler]
         else:
-            argv += ["--exec", "--", *config.command]
+            argv += ["--exec", "--", *(config.command or ())]
         env = {
             **os.environ,
             **config.env,

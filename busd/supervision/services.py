@@ -48,10 +48,21 @@ class ProcessHandle(Protocol):
     ``busd.spawner.WorkerProcess`` is the real one; tests pass a fake.
     """
 
-    pid: int
-    returncode: int | None
-    stdin: StdinPipe | None
-    stderr: asyncio.StreamReader | None
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it exited (-N: killed by signal N)."""
+
+    @property
+    def stdin(self) -> StdinPipe | None:
+        """Its stdin, once connected."""
+
+    @property
+    def stderr(self) -> asyncio.StreamReader | None:
+        """Its stderr, once connected."""
 
     async def connect(self, stdout: asyncio.Protocol, stderr_limit: int) -> None:
         """Start reading stdout with ``stdout`` and stderr as lines."""
