@@ -87,8 +87,14 @@ class Instance:
         self._outgoing_to: ProcessHandle | None = None
         self._encode = services.encode
         self._backoff: asyncio.TimerHandle | None = None
+        # Set while no worker process is on its way or alive: stop() waits
+        # on it, so it is cleared as soon as a start begins, not once the
+        # launch is over (a stop during the launch must wait for the exit).
         self._exited: asyncio.Event = asyncio.Event()
         self._exited.set()
+        # The worker was killed for an ack timeout and its exit is not seen
+        # yet: the same hang is not charged again meanwhile.
+        self._killed_for_timeout = False
 
     @property
     def name(self) -> str:
@@ -121,16 +127,21 @@ class Instance:
         self.change_state(S.STARTING)
         self.started_at = time.time()
         self.ready_at = None
+        self._killed_for_timeout = False
+        self._exited = asyncio.Event()
         try:
             process = await self.services.launch(self.config, self.index)
         except (OSError, ValueError) as error:
             log.error("%s: cannot start: %s", self.name, error)
             self.last_exit = f"cannot start: {error}"
-            self._after_exit(fast=True)
+            self._exited.set()
+            if self.state is S.STOPPING:  # stop() came during the launch
+                self.change_state(S.STOPPED)
+            else:
+                self._after_exit(fast=True)
             return
         self.process = process
         self.pid = process.pid
-        self._exited = asyncio.Event()
         log.info("%s: started, PID %d", self.name, self.pid)
         stdout = WorkerStdout(self.frames_received, self.broken_frame)
         await process.connect(stdout, stderr_limit=MAX_LOG_LINE)
@@ -281,7 +292,13 @@ class Instance:
         self._backoff = None
         if self.state is S.BACKOFF:
             self.restarts += 1
-            self.services.background(self.start())
+            self.services.background(self._restart_if_still_waiting())
+
+    async def _restart_if_still_waiting(self) -> None:
+        # Checked again in the task: a stop() between the timer and this
+        # task must hold.
+        if self.state is S.BACKOFF:
+            await self.start()
 
     def _requeue_inflight(self) -> None:
         if self.inflight:
@@ -388,7 +405,12 @@ class Instance:
         Its messages then go to another instance (see ``_wait_exit``).
         """
         timeout = self.config.ack_timeout
-        if not timeout or self.state is not S.RUNNING or not self.inflight:
+        if (
+            not timeout
+            or self.state is not S.RUNNING
+            or not self.inflight
+            or self._killed_for_timeout
+        ):
             return
         oldest = min(self.inflight.values(), key=lambda d: d.sent_at)
         if now - oldest.sent_at > timeout:
@@ -401,6 +423,7 @@ class Instance:
                 oldest.id,
                 timeout,
             )
+            self._killed_for_timeout = True
             self._kill(signal.SIGKILL)
 
     def _kill(self, signum: int) -> None:
