@@ -1,7 +1,7 @@
 """A worker that hangs on a message: ack_timeout moves its work elsewhere."""
 
 import psutil
-from conftest import wait_for
+from helpers import wait_for
 from test_brokers import broker, records, rows
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import RunningDaemon, wait_for
 
 from busd.protocol import FrameDecoder, encode_frame
-from tests.conftest import RunningDaemon, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_BROKER = REPO / "examples" / "plain_broker.py"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from conftest import STARTUP_DEADLINE, answers, wait_for
+from helpers import STARTUP_DEADLINE, answers, wait_for
 
 from busctl.client import BusError, Client, Timeout
 from busd.instance import FAST_FAILURE_SECONDS, MAX_FAST_FAILURES, MAX_LOG_LINE

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from busctl.client import Client
 from busd import __version__

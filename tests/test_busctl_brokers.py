@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import RunningDaemon, wait_for
+from helpers import RunningDaemon, wait_for
 from test_busctl import assert_one_line_error, busctl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RawConnection, busd_run, wait_for
+from helpers import RawConnection, busd_run, wait_for
 
 from busctl.client import BusError, Client, DaemonUnavailable
 

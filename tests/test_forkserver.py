@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
-from conftest import busd_run, wait_for
+from helpers import busd_run, wait_for
 from test_brokers import broker, gone, rows, wait_states
 
 DEADLINE = 20.0

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from busd.bus import Bus, states
 from busd.plugins.signals import SignalHandler

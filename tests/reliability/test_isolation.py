@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import busd_run, wait_for
+from helpers import busd_run, wait_for
 from test_brokers import broker, rows
 
 pytestmark = pytest.mark.reliability

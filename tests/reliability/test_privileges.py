@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import STARTUP_DEADLINE, answers, busd_run
+from helpers import STARTUP_DEADLINE, answers, busd_run
 from test_brokers import broker, gone, records, wait_states
 
 from busctl.client import Client

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 from test_brokers import broker, gone, records, rows, wait_states
 
 pytestmark = pytest.mark.reliability
