@@ -1,8 +1,7 @@
 """A worker that hangs on a message: ack_timeout moves its work elsewhere."""
 
 import psutil
-from helpers import wait_for
-from test_brokers import broker, records, rows
+from helpers import broker, records, rows, wait_for
 
 
 def test_a_hung_worker_is_killed_and_its_messages_move_on(start_busd, tmp_path):

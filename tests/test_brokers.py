@@ -10,152 +10,36 @@ the ``events`` stream back, always with a deadline.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
-from helpers import STARTUP_DEADLINE, answers, wait_for
+from helpers import (
+    STARTUP_DEADLINE,
+    answers,
+    broker,
+    broker_events,
+    collect,
+    gone,
+    log_lines,
+    messages_of,
+    records,
+    rows,
+    wait_for,
+    wait_records,
+    wait_states,
+)
 
-from busctl.client import BusError, Client, Timeout
+from busctl.client import BusError, Client
 from busd.instance import FAST_FAILURE_SECONDS, MAX_FAST_FAILURES, MAX_LOG_LINE
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
 BUSCTL = [sys.executable, "-m", "busctl"]
 BUSD_RUN = [sys.executable, "-m", "busd", "run"]
-
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
-def broker(
-    name: str,
-    handler: str,
-    record: Path | None = None,
-    env: dict[str, str] | None = None,
-    channels: tuple[str, ...] = ("main",),
-    **settings: Any,
-) -> str:
-    """A ``[brokers.NAME]`` table; test brokers hear ``channels`` too."""
-    cwd = ROOT if handler.startswith("examples.") else TESTS
-    environment = {"CHANNELS": ",".join(channels), **(env or {})}
-    if record is not None:
-        environment["RECORD"] = str(record)
-    lines = [
-        f"[brokers.{name}]",
-        f"handler = {toml_value(handler)}",
-        f"cwd = {toml_value(cwd)}",
-        f"channels = {toml_value(channels)}",
-        *(f"{key} = {toml_value(value)}" for key, value in settings.items()),
-        "env = { "
-        + ", ".join(f"{k} = {toml_value(v)}" for k, v in environment.items())
-        + " }",
-    ]
-    return "\n".join(lines) + "\n\n"
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines a test broker appended to ``path`` so far."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [
-        json.loads(line) for line in text.splitlines(keepends=True) if line[-1:] == "\n"
-    ]
-
-
-def wait_records(
-    path: Path, condition: Any, timeout: float = 20.0, what: str = ""
-) -> list[dict[str, Any]]:
-    """Wait until ``condition(records)`` holds; return those records."""
-    found: list[list[dict[str, Any]]] = []
-
-    def check() -> bool:
-        found[:] = [records(path)]
-        return bool(condition(found[0]))
-
-    try:
-        wait_for(check, timeout, what or f"records in {path.name}")
-    except AssertionError as error:
-        raise AssertionError(
-            f"{error}; last {found[0][-5:] if found else []}"
-        ) from None
-    return found[0]
-
-
-def messages_of(found: list[dict[str, Any]]) -> list[Any]:
-    return [r["message"] for r in found if "message" in r]
-
-
-def rows(client: Client, name: str) -> list[dict[str, Any]]:
-    """The ``state`` rows of broker ``name``'s instances."""
-    return client.state()["brokers"][name]["instances"]
-
-
-def wait_states(
-    client: Client, name: str, expected: list[str], timeout: float = 20.0
-) -> list[dict[str, Any]]:
-    """Wait until broker ``name``'s instances are in ``expected`` states."""
-    found: list[list[dict[str, Any]]] = [[]]
-
-    def check() -> bool:
-        found[0] = rows(client, name)
-        return [r["state"] for r in found[0]] == expected
-
-    wait_for(check, timeout, f"{name} instances {expected}")
-    return found[0]
-
-
-def gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie waiting for init counts)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def collect(
-    stream: Any, events: list[dict[str, Any]], condition: Any, timeout: float = 20.0
-) -> list[dict[str, Any]]:
-    """Read ``stream`` into ``events`` until ``condition(events)``."""
-    deadline = time.monotonic() + timeout
-    while not condition(events):
-        left = deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise Timeout("deadline")
-            events.append(stream.next_event(left))
-        except Timeout:
-            raise AssertionError(
-                f"no matching events within {timeout} s: {events}"
-            ) from None
-    return events
-
-
-def broker_events(events: list[dict[str, Any]], name: str) -> list[str]:
-    return [e["state"] for e in events if e.get("broker") == name]
-
-
-def log_lines(client: Client, source: str) -> list[dict[str, Any]]:
-    return client.logs(lines=1000, source=source)["lines"]
 
 
 # -- 1. the seed flow ------------------------------------------------------------------

@@ -18,8 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
-from helpers import RunningDaemon, wait_for
-from test_busctl import assert_one_line_error, busctl
+from helpers import RunningDaemon, assert_one_line_error, busctl, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,7 @@ import sys
 import time
 
 import pytest
-from helpers import wait_for
-from test_brokers import broker, gone, records, rows, wait_states
+from helpers import broker, gone, records, rows, wait_for, wait_states
 
 pytestmark = pytest.mark.reliability
 
