@@ -22,8 +22,6 @@ from helpers import (
     STARTUP_DEADLINE,
     answers,
     broker,
-    broker_events,
-    collect,
     gone,
     log_lines,
     messages_of,
@@ -35,7 +33,7 @@ from helpers import (
 )
 
 from busctl.client import BusError, Client
-from busd.instance import MAX_FAST_FAILURES, MAX_LOG_LINE
+from busd.instance import MAX_LOG_LINE
 
 BUSCTL = [sys.executable, "-m", "busctl"]
 BUSD_RUN = [sys.executable, "-m", "busd", "run"]
@@ -74,33 +72,6 @@ def test_order_from_busctl_is_carried_out_and_logged(start_busd):
         f"orders:{entry['instance']}[{entry['pid']}] BUY order placed for 10 ABCD"
     )
     wait_for(lambda: expected in daemon.log_text(), 10, f"{expected!r} in busd.log")
-
-
-# -- 6. FATAL after fast crashes -------------------------------------------------------
-
-
-def test_crash_at_start_becomes_fatal_and_start_tries_again(start_busd):
-    daemon = start_busd(config_text=broker("crashy", "brokers_for_tests:CrashAtStart"))
-    with daemon.client() as client:
-        (row,) = wait_states(client, "crashy", ["FATAL"])
-        assert row["last_exit"] == "exit status 3"
-        assert row["pid"] is None
-        assert row["restarts"] == MAX_FAST_FAILURES - 1
-    assert "crashy:0: FATAL after 5 fast failures in a row" in daemon.log_text()
-
-    with daemon.client(timeout=30) as watcher, daemon.client(timeout=30) as client:
-        stream = watcher.events()
-        client.call("broker_start", broker="crashy")
-        events: list[dict[str, Any]] = []
-        collect(stream, events, lambda e: "FATAL" in broker_events(e, "crashy"))
-        states = broker_events(events, "crashy")
-        assert states == ["STARTING", "BACKOFF"] * (MAX_FAST_FAILURES - 1) + [
-            "STARTING",
-            "FATAL",
-        ]
-        assert all(e["instance"] == 0 for e in events if e.get("broker"))
-        (row,) = wait_states(client, "crashy", ["FATAL"])
-        assert row["restarts"] == 2 * (MAX_FAST_FAILURES - 1)
 
 
 # -- 7. scale and per-instance lifecycle -----------------------------------------------
@@ -405,91 +376,6 @@ def test_worker_flooding_stderr_does_not_block_busd(start_busd, tmp_path):
     assert all(len(m) <= MAX_LOG_LINE + 20 for m in truncated)
     assert daemon.log_text().count("[line truncated]") == megabytes
     print(f"\n{pings} pings during a {megabytes} MB flood, slowest {slowest:.3f} s")
-
-
-# -- 13. restart policies --------------------------------------------------------------
-
-
-def test_restart_policies(start_busd, tmp_path):
-    path = tmp_path / "exits.jsonl"
-    daemon = start_busd(
-        config_text=broker(
-            "never",
-            "brokers_for_tests:Exiter",
-            path,
-            channels=("never",),
-            restart="never",
-        )
-        + broker(
-            "onfail",
-            "brokers_for_tests:Exiter",
-            path,
-            channels=("onfail",),
-            restart="on-failure",
-        )
-        + broker(
-            "always",
-            "brokers_for_tests:Exiter",
-            path,
-            channels=("always",),
-            restart="always",
-        )
-    )
-    events: list[dict[str, Any]] = []
-    with daemon.client(timeout=30) as watcher, daemon.client(timeout=30) as client:
-        stream = watcher.events()
-        pids = {
-            name: rows(client, name)[0]["pid"] for name in ("never", "onfail", "always")
-        }
-
-        def after(name: str, *states: str):
-            return lambda e: broker_events(e, name)[-len(states) :] == list(states)
-
-        client.publish("never", {"exit": 1})
-        collect(stream, events, after("never", "STOPPED"))
-        (row,) = rows(client, "never")
-        assert row["state"] == "STOPPED" and row["last_exit"] == "exit status 1"
-
-        client.publish("onfail", {"exit": 0})
-        collect(stream, events, after("onfail", "STOPPED"))
-        assert rows(client, "onfail")[0]["last_exit"] == "exit status 0"
-        client.call("broker_start", broker="onfail")
-        collect(stream, events, after("onfail", "STARTING", "RUNNING"))
-        client.publish("onfail", {"exit": 1})
-        collect(stream, events, after("onfail", "BACKOFF", "STARTING", "RUNNING"))
-        assert broker_events(events, "onfail") == [
-            "STOPPED",
-            "STARTING",
-            "RUNNING",
-            "BACKOFF",
-            "STARTING",
-            "RUNNING",
-        ]
-
-        client.publish("always", {"exit": 0})
-        collect(stream, events, after("always", "BACKOFF", "STARTING", "RUNNING"))
-        assert broker_events(events, "always") == [
-            "BACKOFF",
-            "STARTING",
-            "RUNNING",
-        ]
-        (row,) = rows(client, "always")
-        assert row["pid"] != pids["always"] and row["last_exit"] == "exit status 0"
-
-        # "never" stayed down all along.
-        assert broker_events(events, "never") == ["STOPPED"]
-        assert rows(client, "never")[0]["state"] == "STOPPED"
-
-    # The messages that ended a worker came again, flagged, to the restarted
-    # one (on-failure after `start`, always by itself), which acked them.
-    again = [
-        (r["channel"], r["message"]["exit"])
-        for r in wait_records(
-            path, lambda r: sum(x["redelivered"] for x in r) >= 3, what="redeliveries"
-        )
-        if r["redelivered"]
-    ]
-    assert sorted(again) == [("always", 0), ("onfail", 0), ("onfail", 1)]
 
 
 def test_logs_of_long_lines_fit_in_one_answer_and_say_what_was_left_out(
