@@ -3,6 +3,7 @@
 ``busd_daemon`` starts ``python -m busd run`` as a subprocess with a config
 file in a temp directory, waits (with a deadline) until it answers ping,
 and at the end stops it by its PID: SIGTERM, then SIGKILL if it lingers.
+``orders`` is one with examples/stock.py's OrderBroker, two instances.
 
 Only fixtures live here; the plain helpers they are built from
 (``RunningDaemon``, ``start_daemon``, ``wait_for``...) are in helpers.py,
@@ -14,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from helpers import RunningDaemon, start_daemon
+from helpers import ORDERS, RunningDaemon, instance_pids, start_daemon
 
 
 @pytest.fixture
@@ -39,3 +41,16 @@ def start_busd(tmp_path: Path) -> Iterator[Callable[..., RunningDaemon]]:
 def busd_daemon(start_busd: Callable[..., RunningDaemon]) -> RunningDaemon:
     """One running busd with the default settings."""
     return start_busd()
+
+
+@pytest.fixture
+def orders(start_busd) -> Iterator[RunningDaemon]:
+    """busd with the ``orders`` broker; at the end, busd and its workers gone."""
+    daemon = start_busd(config_text=ORDERS)
+    yield daemon
+    workers = [psutil.Process(pid) for pid in instance_pids(daemon).values()]
+    assert daemon.stop() == 0, daemon.log_text()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for process in alive:
+        process.kill()
+    assert not alive, f"workers outlived busd: {alive}"

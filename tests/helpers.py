@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -396,3 +397,58 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     assert result.stderr.startswith("busctl"), result.stderr
     assert "Traceback" not in result.stderr
     return result.stderr.rstrip("\n")
+
+
+# -- the orders broker (examples.stock:OrderBroker), seen through busctl ---------------
+
+ORDERS = f"""
+[brokers.orders]
+handler = "examples.stock:OrderBroker"
+cwd = {json.dumps(str(ROOT))}
+channels = ["main"]
+instances = 2
+max_retries = 0
+"""
+
+
+RUNNING_ROW = re.compile(
+    r"^  orders:(?P<index>\d+)  RUNNING   pid (?P<pid>\d+)  up \d+\w+(?: \d+\w+)?  "
+    r"restarts \d+  cpu \d+\.\d%  rss [\d.]+[KMG]?i?B  fds \d+  "
+    r"inflight \d+  acked \d+(?:  nacked \d+)?$",
+    re.MULTILINE,
+)
+
+
+def run(daemon: RunningDaemon, *args: str, **kwargs: Any):
+    """Run busctl ``args`` against ``daemon``'s socket."""
+    return busctl("--socket", daemon.socket, *args, **kwargs)
+
+
+def broker_state(daemon: RunningDaemon, name: str = "orders") -> dict[str, Any]:
+    with daemon.client() as client:
+        return client.state()["brokers"][name]
+
+
+def instance_pids(daemon: RunningDaemon) -> dict[int, int]:
+    """index -> PID of each orders instance that has a process."""
+    return {
+        row["index"]: row["pid"]
+        for row in broker_state(daemon)["instances"]
+        if row["pid"]
+    }
+
+
+def assert_worker_of(daemon: RunningDaemon, pid: int) -> None:
+    process = psutil.Process(pid)
+    assert process.is_running() and process.ppid() == daemon.fork_server_pid()
+
+
+def running_rows(table: str) -> dict[int, int]:
+    """index -> PID of each RUNNING orders row of ``busctl state``."""
+    return {int(m["index"]): int(m["pid"]) for m in RUNNING_ROW.finditer(table)}
+
+
+def state_table(daemon: RunningDaemon) -> str:
+    result = run(daemon, "state")
+    assert (result.returncode, result.stderr) == (0, "")
+    return result.stdout
