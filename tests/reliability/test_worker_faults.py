@@ -2,7 +2,7 @@
 
 A worker's stdout is busd's frame protocol: garbage there is a broken frame
 and the worker is SIGKILLed, while busd keeps answering. A worker flooding
-its stderr is tested in tests/test_brokers.py
+its stderr is tested in tests/test_worker_output.py
 (``test_worker_flooding_stderr_does_not_block_busd``).
 """
 

@@ -1,10 +1,16 @@
-"""Brokers under a real busd: delivery, failures, supervision, no orphans.
+"""Worker output: what busd makes of the lines a worker writes to stderr.
+
+Each line becomes a log entry of its broker, instance and PID, in
+``busctl logs`` and in busd's own log; a line longer than MAX_LOG_LINE is
+one entry, cut; a worker flooding stderr does not block busd; and a
+``logs`` answer fits in one frame and says how many older lines it left
+out.
 
 Every test starts a real daemon (``start_busd``) whose brokers are real
-worker processes: ``examples.stock:OrderBroker`` or the brokers of
-tests/brokers_for_tests.py, which append what they get to a file named by
-their ``RECORD`` variable. Tests read those files, ``state``, the logs and
-the ``events`` stream back, always with a deadline.
+worker processes: ``examples.stock:OrderBroker`` or the ``Flooder`` of
+tests/brokers_for_tests.py. What a worker writes to stdout (the broker
+protocol's frames) is tested in test_broker_protocol.py, and garbage on
+that pipe in reliability/test_worker_faults.py.
 """
 
 from __future__ import annotations
@@ -14,20 +20,14 @@ import sys
 import time
 from typing import Any
 
-from helpers import (
-    broker,
-    log_lines,
-    records,
-    rows,
-    wait_for,
-)
+from helpers import broker, log_lines, records, rows, wait_for
 
 from busd.instance import MAX_LOG_LINE
 
+# -- worker lines in logs and busd.log -------------------------------------------------
+
+
 BUSCTL = [sys.executable, "-m", "busctl"]
-
-
-# -- 1. the seed flow ------------------------------------------------------------------
 
 
 def test_order_from_busctl_is_carried_out_and_logged(start_busd):
@@ -62,7 +62,7 @@ def test_order_from_busctl_is_carried_out_and_logged(start_busd):
     wait_for(lambda: expected in daemon.log_text(), 10, f"{expected!r} in busd.log")
 
 
-# -- 12. a worker flooding stderr ------------------------------------------------------
+# -- long lines and floods -------------------------------------------------------------
 
 
 def test_worker_flooding_stderr_does_not_block_busd(start_busd, tmp_path):
