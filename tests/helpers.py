@@ -452,3 +452,13 @@ def state_table(daemon: RunningDaemon) -> str:
     result = run(daemon, "state")
     assert (result.returncode, result.stderr) == (0, "")
     return result.stdout
+
+
+# -- a Bus's log channel ---------------------------------------------------------------
+
+
+def record_log(bus: Any) -> list[tuple[str, int]]:
+    """The (message, level) pairs ``bus`` logs from now on, as they come."""
+    lines: list[tuple[str, int]] = []
+    bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
+    return lines
