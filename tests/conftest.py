@@ -17,7 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ORDERS, RunningDaemon, instance_pids, start_daemon
+from helpers import ORDERS, RunningDaemon, instance_pids, record_log, start_daemon
+
+from busd import Bus
 
 
 @pytest.fixture
@@ -54,3 +56,10 @@ def orders(start_busd) -> Iterator[RunningDaemon]:
     for process in alive:
         process.kill()
     assert not alive, f"workers outlived busd: {alive}"
+
+
+@pytest.fixture
+def bus_log() -> tuple[Bus, list[tuple[str, int]]]:
+    """A new Bus (not started) and the (message, level) pairs it logs."""
+    bus = Bus()
+    return bus, record_log(bus)
