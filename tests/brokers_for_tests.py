@@ -1,4 +1,4 @@
-"""Brokers with controlled behaviour, for tests/test_brokers.py.
+"""Brokers with controlled behaviour, for the tests that run real brokers.
 
 busd runs each as ``python -m busd.worker --handler brokers_for_tests:Class``
 with the tests directory as the broker's ``cwd``. They are configured by

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunningDaemon, wait_for
+from helpers import RunningDaemon, wait_for
 
 import busctl.cli
 import busctl.render  # the CLI loads it lazily: load it here, as root

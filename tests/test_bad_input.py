@@ -18,7 +18,7 @@ import time
 import msgpack
 import psutil
 import pytest
-from conftest import RawConnection, answers, pause, wait_for
+from helpers import RawConnection, answers, pause, wait_for
 
 from busctl.client import BusError, Client
 

@@ -6,11 +6,15 @@
   document promises;
 - ``python -m busd.worker`` driven by hand over its pipes: the protocol by
   example, frame by frame;
-- examples/node-broker, when ``node`` is installed.
+- examples/node-broker, when ``node`` is installed;
+- busd's side: WorkerStdout, the reader of a worker's stdout, on a real
+  event loop and a real child process: frames split across reads, and a
+  broken frame.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -25,9 +29,10 @@ from typing import Any
 
 import psutil
 import pytest
+from helpers import RunningDaemon, wait_for
 
-from busd.protocol import FrameDecoder, encode_frame
-from tests.conftest import RunningDaemon, wait_for
+from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+from busd.supervision.pipes import WorkerStdout
 
 REPO = Path(__file__).resolve().parents[1]
 PLAIN_BROKER = REPO / "examples" / "plain_broker.py"
@@ -443,3 +448,69 @@ def test_a_wrong_worker_command_line_exits_2_with_usage() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("usage: python -m busd.worker"), result.stderr
     assert "error: --instance needs a number, got 'x'" in result.stderr
+
+
+# -- busd's side: WorkerStdout reading a worker's stdout -------------------------------
+
+
+class Instance:
+    """What WorkerStdout hands frames to (the real one needs a whole broker)."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.broken: list[str] = []
+
+    def frames_received(self, frames: list[Any]) -> None:
+        self.frames += frames
+
+    def broken_frame(self, error: ProtocolError) -> None:
+        self.broken.append(error.message)
+
+
+def read_child_stdout(*chunks: bytes) -> Instance:
+    """Run a child that writes ``chunks`` to stdout, read as busd reads a
+    worker's: WorkerStdout on a pipe of its own; return what it handed on."""
+
+    async def scenario() -> Instance:
+        loop = asyncio.get_running_loop()
+        instance = Instance()
+        script = "import sys, time\n" + "".join(
+            f"sys.stdout.buffer.write({c!r}); sys.stdout.flush(); time.sleep(0.01)\n"
+            for c in chunks
+        )
+        frames_out, frames_in = os.pipe()
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=frames_in)
+        os.close(frames_in)
+        try:
+            stdout = WorkerStdout(instance.frames_received, instance.broken_frame)
+            pipe = os.fdopen(frames_out, "rb", buffering=0)
+            await loop.connect_read_pipe(lambda: stdout, pipe)
+            await asyncio.wait_for(stdout.closed, DEADLINE)  # the child exited
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(DEADLINE)
+        assert child.returncode == 0
+        return instance
+
+    return asyncio.run(scenario())
+
+
+def test_frames_are_handed_on_as_they_come_even_split_across_reads() -> None:
+    frames = encode_frame({"type": "ready", "pid": 1}) + encode_frame(
+        {"type": "ack", "ids": [1, 2]}
+    )
+    instance = read_child_stdout(frames[:7], frames[7:20], frames[20:])
+    assert instance.frames == [
+        {"type": "ready", "pid": 1},
+        {"type": "ack", "ids": [1, 2]},
+    ]
+    assert instance.broken == []
+
+
+def test_after_a_broken_frame_the_rest_of_stdout_is_read_and_dropped() -> None:
+    too_large = (100 << 20).to_bytes(4, "big")
+    instance = read_child_stdout(too_large, encode_frame({"type": "ack", "id": 1}))
+    # `closed` came: the pipe was read to its end, nothing more handed on.
+    assert len(instance.broken) == 1 and "over the maximum" in instance.broken[0]
+    assert instance.frames == []

@@ -4,15 +4,10 @@ import logging
 import threading
 
 import pytest
+from helpers import record_log
 
 import busd
 from busd import Bus, ChannelFailures, states
-
-
-def record_log(bus):
-    lines = []
-    bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
-    return lines
 
 
 def test_states_and_default_channels():

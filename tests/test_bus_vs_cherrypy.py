@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from cherrypy.process import wspbus as cherrypy_wspbus
 from cherrypy.process.plugins import SimplePlugin
+from helpers import record_log
 
 from busd import bus as busd_bus
 
@@ -81,12 +82,6 @@ def normalize(msg: str) -> str:
     if not sep:
         return msg
     return f"{head} | {tail.strip().splitlines()[-1]}"
-
-
-def record_log(bus: Any) -> list[tuple[str, int]]:
-    lines: list[tuple[str, int]] = []
-    bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
-    return lines
 
 
 # -- lifecycle: log lines and the states listeners see ----------------------

@@ -20,15 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import assert_one_line_error, busctl, busctl_env, wait_for
 
 from busctl.client import Client
 from busd import __version__
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = [
     "ping",
     "state",
@@ -41,38 +39,6 @@ COMMANDS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    # The working tree's busctl, whatever is installed, and no $BUSD_SOCKET
-    # from the caller: every test names its socket.
-    env = {k: v for k, v in os.environ.items() if k != "BUSD_SOCKET"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-    )
-    return env
-
-
-def busctl(
-    *args: str, input: str | None = None, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    """Run busctl to completion (``run`` kills it by PID on timeout)."""
-    return subprocess.run(
-        [sys.executable, "-m", "busctl", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The error contract: one line on stderr, starting "busctl", no traceback."""
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("busctl"), result.stderr
-    assert "Traceback" not in result.stderr
-    return result.stderr.rstrip("\n")
-
-
 class LongRunning:
     """A busctl that runs until interrupted: read its lines, then SIGINT it."""
 
@@ -82,7 +48,7 @@ class LongRunning:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(),
+            env=busctl_env(),
         )
         self._pending = b""
 
@@ -361,7 +327,7 @@ def test_ping_loads_neither_asyncio_nor_the_daemon(busd_daemon):
         capture_output=True,
         text=True,
         timeout=30,
-        env=_env(),
+        env=busctl_env(),
     )
     assert (result.returncode, result.stdout) == (0, "pong\n")
     imported = {

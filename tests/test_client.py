@@ -6,7 +6,7 @@ import signal
 import socket
 
 import pytest
-from conftest import pause
+from helpers import pause
 
 from busctl.client import (
     BusError,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RawConnection, busd_run, wait_for
+from helpers import RawConnection, broker, busd_run, wait_for
 
 from busctl.client import BusError, Client, DaemonUnavailable
 
@@ -235,8 +235,6 @@ def test_raw_socket_sees_the_documented_frames(busd_daemon):
 
 
 def test_strict_channels_refuses_a_channel_no_broker_listens_on(start_busd):
-    from test_brokers import broker
-
     daemon = start_busd(
         "[busd]\nstrict_channels = true\n\n"
         + broker("orders", "brokers_for_tests:Recorder")

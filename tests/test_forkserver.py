@@ -17,8 +17,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
-from conftest import busd_run, wait_for
-from test_brokers import broker, gone, rows, wait_states
+from helpers import broker, busd_run, gone, rows, wait_for, wait_states
 
 DEADLINE = 20.0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from busd.bus import Bus, states
 from busd.plugins.daemonize import START_PRIORITY, Daemonizer

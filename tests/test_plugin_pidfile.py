@@ -98,14 +98,6 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[str]]]:
                 stream.close()
 
 
-@pytest.fixture
-def bus_log() -> tuple[Bus, list[tuple[str, int]]]:
-    bus = Bus()
-    log: list[tuple[str, int]] = []
-    bus.subscribe("log", lambda msg, level: log.append((msg, level)))
-    return bus, log
-
-
 def test_start_writes_and_locks_exit_removes(tmp_path: Path, bus_log) -> None:
     bus, _ = bus_log
     path = tmp_path / "busd.pid"

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import record_log
 
 from busd import Bus
 from busd.plugins.sdnotify import (
@@ -76,12 +77,6 @@ def listener(tmp_path, monkeypatch):
     listener.close()
     if os.path.exists(path):
         os.unlink(path)
-
-
-def record_log(bus):
-    lines = []
-    bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
-    return lines
 
 
 def marker(name):

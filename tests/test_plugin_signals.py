@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
-from busd.bus import Bus, states
+from busd.bus import states
 from busd.plugins.signals import SignalHandler
 
 # Generous: a deadline, not a sleep; a healthy run is far below it.
@@ -163,14 +163,6 @@ def test_a_signal_during_exit_is_harmless(child) -> None:
     output = lines.rest()
     assert "block returned" in output
     assert not any("Traceback" in line for line in output), output
-
-
-@pytest.fixture
-def bus_log() -> Iterator[tuple[Bus, list[tuple[str, int]]]]:
-    bus = Bus()
-    log: list[tuple[str, int]] = []
-    bus.subscribe("log", lambda msg, level: log.append((msg, level)))
-    yield bus, log
 
 
 def test_the_handler_records_and_the_main_tick_acts(bus_log) -> None:

@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from helpers import record_log
 
 from busd import Bus
 from busd.plugins.tasks import MONITOR_START_PRIORITY, BackgroundTask, Monitor
@@ -34,12 +35,6 @@ class Counter:
                 f"only {self.calls} calls, wanted {n}"
             )
             return self.calls
-
-
-def record_log(bus):
-    lines = []
-    bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
-    return lines
 
 
 def test_background_task_repeats_with_args_until_cancelled():

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from busctl.client import BusError
 from busd.spool import SPOOL_FILE, Spool, SpoolError

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 from systemd_harness import Instance, booted, unavailable
 
 REPO = Path(__file__).resolve().parent.parent

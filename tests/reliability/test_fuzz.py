@@ -14,7 +14,7 @@ import struct
 import msgpack
 import psutil
 import pytest
-from conftest import RawConnection
+from helpers import RawConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -62,7 +62,7 @@ ARGUMENT_NAMES = [
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
     """One daemon for the whole module, so that damage would accumulate."""
-    from conftest import start_daemon
+    from helpers import start_daemon
 
     daemon = start_daemon(tmp_path_factory.mktemp("fuzz"), "")
     try:

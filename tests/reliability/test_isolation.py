@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import busd_run, wait_for
-from test_brokers import broker, rows
+from helpers import broker, busd_run, rows, wait_for
 
 pytestmark = pytest.mark.reliability
 

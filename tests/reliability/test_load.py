@@ -29,8 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_for
-from test_brokers import broker, records, wait_states
+from helpers import broker, records, wait_for, wait_states
 
 from busd.protocol import FrameDecoder, encode_frame
 

@@ -25,8 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import STARTUP_DEADLINE, answers, busd_run
-from test_brokers import broker, gone, records, wait_states
+from helpers import (
+    STARTUP_DEADLINE,
+    answers,
+    broker,
+    busd_run,
+    gone,
+    records,
+    wait_states,
+)
 
 from busctl.client import Client
 

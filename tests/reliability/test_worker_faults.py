@@ -2,7 +2,7 @@
 
 A worker's stdout is busd's frame protocol: garbage there is a broken frame
 and the worker is SIGKILLed, while busd keeps answering. A worker flooding
-its stderr is tested in tests/test_brokers.py
+its stderr is tested in tests/test_worker_output.py
 (``test_worker_flooding_stderr_does_not_block_busd``).
 """
 
@@ -15,8 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import wait_for
-from test_brokers import broker, gone, records, rows, wait_states
+from helpers import broker, gone, records, rows, wait_for, wait_states
 
 pytestmark = pytest.mark.reliability
 
