@@ -763,7 +763,11 @@ else:
 
 
 def emit(*item):
-    print(json.dumps(item), flush=True)
+    # One write(2) per line, which a pipe keeps whole: print() writes the
+    # text and the newline apart, and under load a line that CherryPy's
+    # block() logs on the main thread lands between the two writes of one
+    # that the restarter thread emits (both lines are lost to the parser).
+    os.write(1, (json.dumps(item) + "\n").encode())
 
 
 def event(text):
