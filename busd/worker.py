@@ -299,7 +299,9 @@ def parse_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str] | N
         name, equals, value = name.partition("=")
         if name not in options:
             raise ValueError(f"unknown argument {name!r}")
-        given = value if equals else next(pairs, None)
+        given: str | None = value
+        if not equals:
+            given = next(pairs, None)
         if given is None:
             raise ValueError(f"{name} needs a value")
         options[name] = given
