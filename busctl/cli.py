@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import argparse
     from typing import Any, NoReturn
 
+    from busctl.client import Client
+
 EX_OK = 0
 EX_ERROR = 1
 EX_USAGE = 64
@@ -396,12 +398,12 @@ def _print(args: argparse.Namespace, value: Any, text: str) -> None:
         print(text, flush=True)
 
 
-def cmd_ping(client: Any, args: argparse.Namespace) -> int:
+def cmd_ping(client: Client, args: argparse.Namespace) -> int:
     _print(args, client.ping(), "pong")
     return EX_OK
 
 
-def cmd_state(client: Any, args: argparse.Namespace) -> int:
+def cmd_state(client: Client, args: argparse.Namespace) -> int:
     state = client.state()
     if args.json:
         _print(args, state, "")
@@ -412,7 +414,7 @@ def cmd_state(client: Any, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmd_publish(client: Any, args: argparse.Namespace) -> int:
+def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     if args.message == "-":
         parse = _json_loader() if args.json_message else str
         messages = (parse(line.rstrip("\n")) for line in sys.stdin if line.strip())
@@ -463,14 +465,14 @@ def _json_loader() -> Any:
     return load
 
 
-def cmd_subscribe(client: Any, args: argparse.Namespace) -> int:
+def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
     stream = client.subscribe(*args.channels)
     for event in stream:
         _print(args, event, f"{event['channel']}: {event['message']}")
     return EX_OK
 
 
-def cmd_events(client: Any, args: argparse.Namespace) -> int:
+def cmd_events(client: Client, args: argparse.Namespace) -> int:
     stream = client.events()
     for event in stream:
         _print(
@@ -479,7 +481,7 @@ def cmd_events(client: Any, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmd_logs(client: Any, args: argparse.Namespace) -> int:
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     from busctl.render import render_log_entry
 
     answer = client.logs(lines=args.lines, follow=args.follow, source=args.source)
@@ -499,7 +501,7 @@ def cmd_logs(client: Any, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def cmd_lifecycle(client: Any, args: argparse.Namespace) -> int:
+def cmd_lifecycle(client: Client, args: argparse.Namespace) -> int:
     """start, stop, restart: one instance (BROKER:N) or the whole broker."""
     name, index = args.target
     result = getattr(client, f"broker_{args.command}")(name, index)
@@ -507,7 +509,7 @@ def cmd_lifecycle(client: Any, args: argparse.Namespace) -> int:
     return _report_pool(args, result, past[args.command], name, index)
 
 
-def cmd_scale(client: Any, args: argparse.Namespace) -> int:
+def cmd_scale(client: Client, args: argparse.Namespace) -> int:
     result = client.scale(args.broker, args.instances)
     return _report_pool(args, result, "scaled", args.broker, None)
 
@@ -534,12 +536,12 @@ def _report_pool(
     return EX_OK
 
 
-def cmd_reload(client: Any, args: argparse.Namespace) -> int:
+def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     _print(args, client.reload(), "reload requested")
     return EX_OK
 
 
-def cmd_shutdown(client: Any, args: argparse.Namespace) -> int:
+def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
     _print(args, client.shutdown(), "shutdown requested")
     return EX_OK
 

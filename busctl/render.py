@@ -142,7 +142,7 @@ def _status(row: dict[str, Any]) -> str:
         return f"{state}, PID {row['pid']}"
     if row.get("last_exit"):
         return f"{state} ({row['last_exit']})"
-    return state
+    return str(state)
 
 
 def render_log_entry(entry: dict[str, Any]) -> str:

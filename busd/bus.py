@@ -60,7 +60,9 @@ from collections.abc import Callable, Iterable
 # typing costs every worker's start a few ms; annotations don't need it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TypeVar, overload
+
+    _Listener = TypeVar("_Listener", bound=Callable[..., Any])
 
 __all__ = ["EX_SOFTWARE", "Bus", "ChannelFailures", "states"]
 
@@ -93,6 +95,11 @@ class states(enum.Enum):  # lower case: the name code written for CherryPy uses
     __str__ = __repr__
 
 
+# Inside Bus, the class attribute ``states`` (CherryPy's) hides the enum's
+# name, so the annotations there use this one.
+_State = states
+
+
 class ChannelFailures(Exception):
     """The exceptions raised by listeners during one ``Bus.publish``.
 
@@ -108,7 +115,9 @@ class ChannelFailures(Exception):
 
     def handle_exception(self) -> None:
         """Record the exception being handled right now."""
-        self._exceptions.append(sys.exc_info()[1])
+        # None only when called outside an ``except`` block; CherryPy records
+        # that None too, and so must a drop-in.
+        self._exceptions.append(sys.exc_info()[1])  # type: ignore[arg-type]
 
     def get_instances(self) -> list[BaseException]:
         """Return a copy of the recorded exceptions, in listener order."""
@@ -158,7 +167,9 @@ class Bus:
             channel: set() for channel in DEFAULT_CHANNELS
         }
         self._priorities: dict[tuple[str, Callable[..., Any]], int] = {}
-        self._ordered: dict[str, tuple[Callable[..., Any], ...]] = {}
+        # Keyed by channel names; publish(None) (wait() with no channel) looks
+        # None up and finds nothing, as in CherryPy.
+        self._ordered: dict[str | None, tuple[Callable[..., Any], ...]] = {}
         self._entries: dict[str, tuple[tuple[int, int, Callable[..., Any]], ...]] = {}
         self._sequence = 0
         self._lock = threading.RLock()
@@ -173,6 +184,18 @@ class Bus:
         self._atexit_registered = False
 
     # -- subscriptions -----------------------------------------------------
+
+    if TYPE_CHECKING:
+
+        @overload
+        def subscribe(
+            self, channel: str, callback: _Listener, priority: int | None = None
+        ) -> _Listener: ...
+
+        @overload
+        def subscribe(
+            self, channel: str, callback: None = None, priority: int | None = None
+        ) -> Callable[[_Listener], _Listener]: ...
 
     def subscribe(
         self,
@@ -189,7 +212,7 @@ class Bus:
         """
         if callback is None:
 
-            def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
+            def decorator(func: _Listener) -> _Listener:
                 return self.subscribe(channel, func, priority)
 
             return decorator
@@ -263,7 +286,7 @@ class Bus:
 
     # -- state machine -----------------------------------------------------
 
-    def _change_state(self, state: states) -> None:
+    def _change_state(self, state: _State) -> None:
         """Move to ``state`` and wake whoever waits in ``wait()``.
 
         The only place that assigns ``self.state`` after construction; it
@@ -402,7 +425,7 @@ class Bus:
 
     def wait(
         self,
-        state: states | Iterable[states],
+        state: _State | Iterable[_State],
         interval: float = 0.1,
         channel: str | None = None,
     ) -> None:
@@ -496,7 +519,7 @@ class Bus:
                     level=logging.WARNING,
                 )
 
-    def _abandon_threads(self, timeout: float) -> None:
+    def _abandon_threads(self, timeout: float | None) -> None:
         left = [
             t.name
             for t in threading.enumerate()
@@ -544,7 +567,9 @@ class Bus:
 
     # -- logging -----------------------------------------------------------
 
-    def log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False):
+    def log(
+        self, msg: str = "", level: int = logging.INFO, traceback: bool = False
+    ) -> None:
         """Publish ``msg`` on the ``log`` channel at ``level``.
 
         With ``traceback=True`` the exception being handled is appended.

@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             not config.brokers or spawner.mark != config.busd.socket
         ):
             # The peek guessed wrong: the supervisor starts the right one.
-            spawner = _let_go(spawner)
+            _let_go(spawner)
+            spawner = None
         from busd.daemon import Daemon, check_names
 
         check_names(config)

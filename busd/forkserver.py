@@ -95,8 +95,9 @@ class ForkServer:
 
     def serve(self) -> int:
         """Answer requests and report exits; return once busd is gone."""
+        watched: list[socket.socket | int] = [self.channel, self._wakeup_read]
         while True:
-            readable, _, _ = select.select([self.channel, self._wakeup_read], [], [])
+            readable, _, _ = select.select(watched, [], [])
             if self._wakeup_read in readable:
                 while True:
                     try:
@@ -249,7 +250,8 @@ def run_worker(
     sys.argv = [busd.worker.__file__, *request["argv"]]
     status = busd.worker.main(request["argv"], parent=server)
     # What the interpreter does at its end, since os._exit() skips it.
-    threading._shutdown()  # type: ignore[attr-defined] - as multiprocessing does
+    # Private, and so not in typeshed; multiprocessing calls it the same way.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):

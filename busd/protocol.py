@@ -27,6 +27,7 @@ import msgpack
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, TypeGuard
 
 __all__ = [
@@ -104,14 +105,14 @@ class FrameEncoder:
 
     def __init__(self, max_frame: int | None = None) -> None:
         self.max_frame = max_frame
-        self._pack = msgpack.Packer(use_bin_type=True).pack
+        self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
     def __call__(self, message: Any) -> bytes:
         """One frame holding ``message``; raises as ``encode_frame``."""
         return _frame(self._pack, message, self.max_frame)
 
 
-def _frame(pack: Any, message: Any, max_frame: int | None) -> bytes:
+def _frame(pack: Callable[[Any], bytes], message: Any, max_frame: int | None) -> bytes:
     try:
         body = pack(message)
     except (TypeError, ValueError, OverflowError) as error:

@@ -71,6 +71,8 @@ class Spool:
         self.last_id = 0
         self._settled_records = 0
         self._last_sync = 0.0
+        # The file open for appending; None while loading, and once closed.
+        self._fd: int | None = None
         os.makedirs(directory, mode=0o750, exist_ok=True)
         self._load()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -158,6 +160,7 @@ class Spool:
         self._settled_records += 1
         if (
             self._settled_records > 2 * len(self.pending)
+            and self._fd is not None
             and os.fstat(self._fd).st_size > COMPACT_BYTES
         ):
             self._compact()
@@ -176,6 +179,8 @@ class Spool:
             )
 
     def _append(self, data: bytes) -> None:
+        if self._fd is None:
+            raise SpoolError(f"the spool {self.path} is closed")
         size = os.fstat(self._fd).st_size
         try:
             view = memoryview(data)
@@ -222,7 +227,7 @@ class Spool:
         finally:
             os.close(directory)
         self._settled_records = 0
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:  # None while _load() compacts
             os.close(self._fd)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o640)
 

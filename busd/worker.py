@@ -43,11 +43,17 @@ import time
 import traceback
 
 from busd.bus import Bus, ChannelFailures
-from busd.protocol import FrameDecoder, FrameEncoder, ProtocolError
+from busd.protocol import (
+    ORIGINAL_PYTHONPATH,
+    FrameDecoder,
+    FrameEncoder,
+    ProtocolError,
+)
 
 # typing costs every worker's start a few ms; annotations don't need it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, BinaryIO
 
 # Acks of messages handled one after the other are written together, in
@@ -60,8 +66,6 @@ MAX_FRAME = 64 << 20
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_VARIABLE = "BUSD_PID"
-# The broker's own PYTHONPATH ("" for none), restored before --exec.
-ORIGINAL_PYTHONPATH = "BUSD_ORIGINAL_PYTHONPATH"
 
 
 class WorkerBus(Bus):
@@ -129,8 +133,11 @@ def set_parent_death_signal(
         os._exit(1)
 
 
-def load_handler(spec: str) -> type:
-    """Import ``module:Class``; raise ValueError saying what is wrong."""
+def load_handler(spec: str) -> Callable[[Bus], Any]:
+    """Import ``module:Class``; raise ValueError saying what is wrong.
+
+    ``Class`` is called with the worker's bus: a class, or any factory.
+    """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"handler {spec!r} is not of the form 'module:Class'")
@@ -141,9 +148,10 @@ def load_handler(spec: str) -> type:
             f"cannot import handler module {module_name!r}: {error}"
         ) from None
     try:
-        return getattr(module, attribute)
+        handler: Callable[[Bus], Any] = getattr(module, attribute)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no {attribute!r}") from None
+    return handler
 
 
 class Worker:
@@ -294,10 +302,12 @@ def parse_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str] | N
         name, equals, value = name.partition("=")
         if name not in options:
             raise ValueError(f"unknown argument {name!r}")
-        value = value if equals else next(pairs, None)
-        if value is None:
+        given: str | None = value
+        if not equals:
+            given = next(pairs, None)
+        if given is None:
             raise ValueError(f"{name} needs a value")
-        options[name] = value
+        options[name] = given
     if not options["--instance"].isdigit():
         raise ValueError(f"--instance needs a number, got {options['--instance']!r}")
     if (command is None) == (not options["--handler"]):

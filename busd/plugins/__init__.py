@@ -14,6 +14,18 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    # What __getattr__ below returns, for the type checker only.
+    from busd.plugins.base import SimplePlugin as SimplePlugin
+    from busd.plugins.daemonize import Daemonizer as Daemonizer
+    from busd.plugins.pidfile import PIDFile as PIDFile
+    from busd.plugins.pidfile import PIDFileError as PIDFileError
+    from busd.plugins.privileges import DropPrivileges as DropPrivileges
+    from busd.plugins.sdnotify import SdNotify as SdNotify
+    from busd.plugins.signals import SignalHandler as SignalHandler
+    from busd.plugins.tasks import BackgroundTask as BackgroundTask
+    from busd.plugins.tasks import Monitor as Monitor
+    from busd.plugins.threads import ThreadManager as ThreadManager
+
 _MODULES = {
     "SimplePlugin": "base",
     "Daemonizer": "daemonize",
