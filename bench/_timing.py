@@ -93,18 +93,27 @@ def hyperfine(
 # -- py-spy --------------------------------------------------------------------
 
 
-def record_py_spy(
+def spy_io_thread(
     pid: int,
     output: Path,
     seconds: int,
     rate: int,
     load: Callable[[], object],
+    in_thread: Callable[[list[str]], bool],
+    idle: Collection[str],
     nonblocking: bool = False,
     settle: float = 0.0,
-) -> str:
-    """py-spy (bench/.venv-peers) samples of ``pid`` for ``seconds`` at
+) -> dict:
+    """Record ``pid`` with py-spy (bench/.venv-peers) for ``seconds`` at
     ``rate`` Hz, ``load()`` running again and again meanwhile (after
-    ``settle`` s); py-spy's raw output (also left in ``output``)."""
+    ``settle`` s), raw output to ``output``; sum up one thread's samples.
+
+    The thread's stacks are those ``in_thread`` picks (it gets their
+    frames, outermost first, each ``function (file:line)``). Returns the
+    samples in all (``total``), those idle (innermost frame in ``idle``:
+    waiting, not working), and for the busy ones the samples per
+    innermost frame (``leaves``) and per innermost busd frame (``own``).
+    """
     argv = [str(PEERS / "bin" / "py-spy"), "record", "--pid", str(pid)]
     argv += ["--duration", str(seconds), "--rate", str(rate), "--format", "raw"]
     argv += ["--output", str(output)]
@@ -120,24 +129,10 @@ def record_py_spy(
         spy.wait(20)
     finally:
         stop_tree(spy)
-    return output.read_text()
-
-
-def io_thread_profile(
-    raw: str, in_thread: Callable[[list[str]], bool], idle: Collection[str]
-) -> dict:
-    """Sum up py-spy's raw output for one thread: the stacks ``in_thread``
-    picks (it gets their frames, outermost first, each ``function
-    (file:line)``).
-
-    Returns the samples in all (``total``), those idle (innermost frame
-    in ``idle``: waiting, not working), and for the busy ones the samples
-    per innermost frame (``leaves``) and per innermost busd frame (``own``).
-    """
     leaves: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
     total = waiting = 0
-    for line in raw.splitlines():
+    for line in output.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [frame for frame in stack.split(";") if frame]
         if not count.isdigit() or not in_thread(frames):

@@ -74,12 +74,11 @@ from _timing import (
     find_hyperfine,
     frame_name,
     hyperfine,
-    io_thread_profile,
     percentile,
-    record_py_spy,
     rotated,
     sample_us,
     shares,
+    spy_io_thread,
 )
 
 from busctl import Client
@@ -403,14 +402,17 @@ def memory_analysis() -> list[tuple[str, int, int]]:
 def spy_profile(pid: int, sock: str, seconds: int, tmp: Path) -> dict:
     """py-spy samples of busd's I/O thread while one client pings it."""
     with Client(sock) as client:
-        raw = record_py_spy(pid, tmp / "py-spy.txt", seconds, 250, client.ping)
-    # Only the I/O thread (the main thread just waits on the bus); epoll's
-    # wait is idle time.
-    return io_thread_profile(
-        raw,
-        lambda frames: "ControlServer._run_loop" in map(frame_name, frames),
-        {"EpollSelector.select"},
-    )
+        # Only the I/O thread (the main thread just waits on the bus);
+        # epoll's wait is idle time.
+        return spy_io_thread(
+            pid,
+            tmp / "py-spy.txt",
+            seconds,
+            250,
+            client.ping,
+            lambda frames: "ControlServer._run_loop" in map(frame_name, frames),
+            {"EpollSelector.select"},
+        )
 
 
 def rtt_analysis(spy: dict | None) -> list[str]:

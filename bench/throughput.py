@@ -56,14 +56,7 @@ from _procs import (
     wait_until,
 )
 from _report import finish, options, parse, table_head, target, target_table
-from _timing import (
-    io_thread_profile,
-    percentile,
-    record_py_spy,
-    rotated,
-    sample_us,
-    shares,
-)
+from _timing import percentile, rotated, sample_us, shares, spy_io_thread
 
 from busctl import Client
 
@@ -179,20 +172,17 @@ def latency(busd_sock: str, echo_sock: str, calls: int, rounds: int) -> dict:
 
 def spy_busd(pid: int, sock: str, seconds: int, tmp: Path, messages: int) -> dict:
     """py-spy of busd during a publish --wait flood: where its time goes."""
-    raw = record_py_spy(
+    # busd's I/O thread; waiting in select is idle time.
+    return spy_io_thread(
         pid,
         tmp / "py-spy-throughput.txt",
         seconds,
         200,
         lambda: busd_rate(sock, messages, 2, 1000, True),
-        nonblocking=True,
-        settle=0.5,
-    )
-    # busd's I/O thread; waiting in select is idle time.
-    return io_thread_profile(
-        raw,
         lambda frames: any("_run_loop" in f for f in frames),
         {"EpollSelector.select", "select"},
+        nonblocking=True,
+        settle=0.5,
     )
 
 
