@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from busd.plugins.base import SimplePlugin
+from busd.plugins import SimplePlugin
 
 
 class Noop(SimplePlugin):

@@ -15,17 +15,17 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import timeit
 from collections.abc import Callable
 from typing import Any
 
-from _common import RESULTS, machine, now, write_section
+from _report import finish, machine, options, parse
+from _timing import rotated
 from cherrypy.process.wspbus import Bus as CherryPyBus
 
-from busd.bus import Bus as BusdBus
+from busd import Bus as BusdBus
 
 LISTENER_COUNTS = (1, 3, 10)
 IMPLEMENTATIONS = ("busd", "CherryPy", "plain loop")
@@ -34,6 +34,9 @@ CHANNEL = "main"
 # per case so that every round repeats exactly the same work.
 SECONDS_PER_TIMING = 0.05
 SECTION = "## Bus.publish"
+# The fewest rounds that make a median worth writing; --quick's, as they
+# take seconds.
+QUICK_REPEATS = 7
 
 
 def make_listeners(count: int) -> list[Callable[[], None]]:
@@ -69,6 +72,7 @@ def make_publishers(count: int) -> dict[str, Callable[[], Any]]:
 
 
 def timer(publish: Callable[..., Any]) -> timeit.Timer:
+    """A timeit.Timer of one publish on ``CHANNEL``."""
     # A statement string, not a lambda: the call is timed with nothing
     # wrapped around it, the same way for every implementation.
     return timeit.Timer(f"publish({CHANNEL!r})", globals={"publish": publish})
@@ -86,9 +90,7 @@ def measure(repeats: int) -> dict[int, dict[str, list[float]]]:
             numbers[name] = max(1, int(number * SECONDS_PER_TIMING / seconds))
         samples: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
         for round_ in range(repeats):
-            # Rotate the order each round: no implementation always goes first.
-            shift = round_ % len(IMPLEMENTATIONS)
-            for name in IMPLEMENTATIONS[shift:] + IMPLEMENTATIONS[:shift]:
+            for name in rotated(IMPLEMENTATIONS, round_):
                 seconds = timers[name].timeit(numbers[name])
                 samples[name].append(seconds / numbers[name] * 1e9)
         results[count] = samples
@@ -96,6 +98,7 @@ def measure(repeats: int) -> dict[int, dict[str, list[float]]]:
 
 
 def table(results: dict[int, dict[str, list[float]]]) -> str:
+    """The markdown table: median per listener count and implementation."""
     lines = [
         "| listeners | implementation | median ns/publish | publishes/s "
         "| spread (min-max ns) | busd/CherryPy rate |",
@@ -115,41 +118,23 @@ def table(results: dict[int, dict[str, list[float]]]) -> str:
     return "\n".join(lines)
 
 
-def section(results: dict[int, dict[str, list[float]]], repeats: int, host: str) -> str:
-    today = now()
-    return (
-        f"{SECTION}\n\n"
-        f"Machine: {host}.  \n"
-        f"Date: {today}.  \n"
-        f"Command: `.venv/bin/python bench/bus_publish.py --write` "
-        f"({repeats} interleaved rounds of ~{SECONDS_PER_TIMING * 1000:.0f} ms "
-        "per implementation; median).\n\n"
-        f"{table(results)}\n"
-    )
-
-
-def write_results(text: str) -> None:
-    """Replace the ``## Bus.publish`` section of RESULTS.md (or add it)."""
-    write_section(SECTION, text, RESULTS)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Time the publishes, print the table; with ``--write`` update RESULTS.md."""
+    parser = options(__doc__, quick=f"smoke test: {QUICK_REPEATS} rounds")
     parser.add_argument("--repeats", type=int, default=9, help="rounds (>= 7)")
-    parser.add_argument(
-        "--write", action="store_true", help=f"update {SECTION!r} in {RESULTS.name}"
-    )
-    args = parser.parse_args(argv)
-    if args.repeats < 7:
-        parser.error("--repeats must be at least 7")
+    args = parse(parser, argv, at_least={"repeats": QUICK_REPEATS})
+    if args.quick:
+        args.repeats = QUICK_REPEATS
     host = machine()  # before the run: the load average is the others'
     results = measure(args.repeats)
-    print(f"Machine: {host}\n")
-    print(table(results))
-    if args.write:
-        write_results(section(results, args.repeats, host))
-        print(f"\nUpdated {RESULTS}")
-    return 0
+    text = table(results)
+    command = (
+        "`.venv/bin/python bench/bus_publish.py --write` "
+        f"({args.repeats} interleaved rounds of ~{SECONDS_PER_TIMING * 1000:.0f} ms "
+        "per implementation; median)."
+    )
+    # No targets: the figures stand beside CherryPy's, not against a goal.
+    return finish(args, host, text, [], [(SECTION, command, text)])
 
 
 if __name__ == "__main__":

@@ -36,45 +36,53 @@ no package index needed): its figures are not the users'.
 
 from __future__ import annotations
 
-import argparse
 import collections
-import contextlib
 import gc
-import http.client
 import itertools
-import json
-import os
-import shutil
-import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-import tomllib
-import xmlrpc.client
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import _common
 import msgpack
 import psutil
-from _common import machine, now, percentile, wait_until, write_section
+from _procs import (
+    BENCH,
+    PEERS,
+    ROOT,
+    SHIPPED_PYTHON,
+    SupervisorRPC,
+    closing_all,
+    ending,
+    ensure_peers,
+    install_busd,
+    measured,
+    peer_version,
+    python_env,
+    start_busd,
+    start_echo,
+    start_supervisord,
+    stdout_of,
+)
+from _report import finish, options, parse, table_head, target, target_table
+from _timing import (
+    find_hyperfine,
+    frame_name,
+    hyperfine,
+    percentile,
+    rotated,
+    sample_us,
+    shares,
+    spy_io_thread,
+)
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(ROOT))  # the working tree, not an installed copy
+from busctl import Client
 
-from busctl.client import Client  # noqa: E402
-
-PEERS = BENCH / ".venv-peers"
-BUSD_VENV = BENCH / ".venv-busd"  # a wheel of the working tree, installed
-BUSD_PYTHON = BUSD_VENV / "bin" / "python"
-PEER_PACKAGES = ("supervisor==4.3.0", "py-spy==0.4.3")
 SECTION = "## Control plane"
 MiB = 1024 * 1024
 STARTUP_DEADLINE = 20.0
@@ -89,6 +97,8 @@ RSS_LIMIT = 20 * MiB
 
 @dataclass
 class Settings:
+    """How many runs, rounds and calls; ``--quick`` makes them tiny."""
+
     quick: bool
     cli_rounds: int
     cli_runs: int  # per round
@@ -99,6 +109,7 @@ class Settings:
 
     @classmethod
     def make(cls, quick: bool, calls: int, runs: int) -> Settings:
+        """The settings for ``--quick`` or a full run of ``runs`` CLI runs."""
         if quick:
             return cls(True, 1, 3, 1, 200, 1, False)
         rounds = 4
@@ -118,21 +129,15 @@ class Runtime:
     env: dict[str, str]
 
 
-def child_env(pythonpath: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    env.pop("PYTHONPROFILEIMPORTTIME", None)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    return env
-
-
 def installed(tmp: Path) -> Runtime:
     """busd as users get it: a wheel of the working tree in bench/.venv-busd."""
     install_busd(tmp)
-    bin_ = BUSD_VENV / "bin"
+    bin_ = SHIPPED_PYTHON.parent
     return Runtime(
-        str(BUSD_PYTHON), [str(bin_ / "busd")], [str(bin_ / "busctl")], child_env()
+        str(SHIPPED_PYTHON),
+        [str(bin_ / "busd")],
+        [str(bin_ / "busctl")],
+        python_env(),
     )
 
 
@@ -143,114 +148,8 @@ def working_tree() -> Runtime:
         python,
         [python, "-m", "busd"],
         [python, "-m", "busctl"],
-        child_env(str(ROOT)),
+        python_env(str(ROOT)),
     )
-
-
-def install_busd(tmp: Path) -> None:
-    """Build a wheel of the working tree; install it into bench/.venv-busd.
-
-    A normal (not editable) install with the runtime dependencies, as a
-    user's ``pip install busd`` would give, so that every interpreter start
-    is what a user's is. The venv is created on first use; the wheel is
-    rebuilt and reinstalled on every run, the tree having changed.
-    """
-    if not BUSD_PYTHON.exists():
-        print(f"Creating {BUSD_VENV.relative_to(ROOT)} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(BUSD_VENV)], check=True)
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pip = [str(BUSD_PYTHON), "-m", "pip", "-q", "--disable-pip-version-check"]
-    quiet = {"stdout": subprocess.DEVNULL, "check": True}
-    subprocess.run([*pip, "install", *project["dependencies"]], **quiet)
-    wheels = tmp / "wheel"
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)], **quiet)
-    (wheel,) = wheels.glob("busd-*.whl")
-    subprocess.run(
-        [*pip, "install", "--no-deps", "--force-reinstall", str(wheel)], **quiet
-    )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, then SIGKILL if it lingers."""
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(5)
-
-
-def start_busd(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
-    return _common.start_busd(tmp, rt.busd, rt.env, deadline=STARTUP_DEADLINE)
-
-
-def start_echo(tmp: Path, rt: Runtime) -> tuple[subprocess.Popen[bytes], str]:
-    return _common.start_echo(tmp, rt.python, rt.env, deadline=STARTUP_DEADLINE)
-
-
-SUPERVISORD_CONF = """\
-[unix_http_server]
-file={tmp}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-pidfile={tmp}/supervisord.pid
-logfile={tmp}/supervisord.log
-childlogdir={tmp}
-loglevel=warn
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[supervisorctl]
-serverurl=unix://{tmp}/supervisor.sock
-
-[program:sleeper]
-command=sleep 3600
-startsecs=0
-autorestart=false
-"""
-
-
-def ensure_peers(with_py_spy: bool) -> None:
-    """Create bench/.venv-peers with supervisor (and py-spy) if missing."""
-    wanted = [PEERS / "bin" / "supervisord"]
-    if with_py_spy:
-        wanted.append(PEERS / "bin" / "py-spy")
-    if all(path.exists() for path in wanted):
-        return
-    if not (PEERS / "bin" / "python").exists():
-        print(f"Creating {PEERS.relative_to(ROOT)} ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
-    packages = PEER_PACKAGES if with_py_spy else PEER_PACKAGES[:1]
-    subprocess.run(
-        [str(PEERS / "bin" / "python"), "-m", "pip", "install", "-q", *packages],
-        check=True,
-    )
-
-
-def start_supervisord(tmp: Path) -> tuple[subprocess.Popen[bytes], Path, str]:
-    conf = tmp / "supervisord.conf"
-    conf.write_text(SUPERVISORD_CONF.format(tmp=tmp))
-    sock = str(tmp / "supervisor.sock")
-    process = subprocess.Popen(
-        [str(PEERS / "bin" / "supervisord"), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def sleeper_running() -> bool:
-        rpc = SupervisorRPC(sock)
-        try:
-            info = rpc.call("supervisor.getProcessInfo", "sleeper")
-        finally:
-            rpc.close()
-        return info["statename"] == "RUNNING"
-
-    wait_until(sleeper_running, process, "supervisord", STARTUP_DEADLINE)
-    return process, conf, sock
 
 
 # -- clients -------------------------------------------------------------------
@@ -265,6 +164,7 @@ class RawClient:
         self.ids = 0
 
     def ping(self) -> Any:
+        """One framed ping; its result."""
         self.ids += 1
         body = msgpack.packb({"id": self.ids, "op": "ping"}, use_bin_type=True)
         self.sock.sendall(struct.pack(">I", len(body)) + body)
@@ -274,42 +174,8 @@ class RawClient:
         return msgpack.unpackb(data[4:], raw=False)["result"]
 
     def close(self) -> None:
+        """Close the socket."""
         self.sock.close()
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost")
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-class SupervisorRPC:
-    """XML-RPC over supervisord's Unix socket on one keep-alive connection,
-    as ``supervisor.xmlrpc.SupervisorTransport`` does (stdlib only)."""
-
-    def __init__(self, path: str) -> None:
-        self.connection = UnixHTTPConnection(path)
-
-    def call(self, method: str, *params: Any) -> Any:
-        body = xmlrpc.client.dumps(params, method).encode()
-        self.connection.request(
-            "POST", "/RPC2", body, {"Content-Type": "text/xml", "Accept": "text/xml"}
-        )
-        response = self.connection.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"supervisord answered HTTP {response.status}")
-        return xmlrpc.client.loads(data)[0][0]
-
-    def ping(self) -> Any:
-        return self.call("supervisor.getState")
-
-    def close(self) -> None:
-        self.connection.close()
 
 
 # -- 1. CLI wall time ----------------------------------------------------------
@@ -318,6 +184,7 @@ class SupervisorRPC:
 def cli_commands(
     rt: Runtime, busd_sock: str, supervisor_conf: Path | None
 ) -> dict[str, list[str]]:
+    """The commands whose wall time is compared, by name."""
     # The console script pip wrote, as users run it; the floor on the same
     # interpreter, so that both start alike.
     busctl_cmd = rt.busctl
@@ -336,35 +203,20 @@ def cli_commands(
     return commands
 
 
-def rotated(names: list[str], round_: int) -> list[str]:
-    shift = round_ % len(names)
-    return names[shift:] + names[:shift]
-
-
 def time_cli(
-    commands: dict[str, list[str]], settings: Settings, tmp: Path, env: dict[str, str]
-):
+    commands: dict[str, list[str]], settings: Settings, env: dict[str, str]
+) -> tuple[dict[str, list[float]], str]:
     """Wall seconds per run of each command, rounds interleaved; and the tool."""
     names = list(commands)
     times: dict[str, list[float]] = {name: [] for name in names}
-    hyperfine = find_hyperfine()
+    path = find_hyperfine("timing with subprocess")
     for round_ in range(settings.cli_rounds):
         order = rotated(names, round_)
-        if hyperfine:
-            export = tmp / f"hyperfine{round_}.json"
-            argv = [hyperfine, "-N", "--style", "none", "--export-json", str(export)]
-            argv += ["--warmup", str(settings.cli_warmup)]
-            argv += ["--runs", str(settings.cli_runs)]
-            for name in order:
-                argv += ["-n", name, " ".join(commands[name])]
-            done = subprocess.run(
-                argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            if done.returncode:
-                sys.stderr.buffer.write(done.stderr)
-                raise RuntimeError(f"hyperfine failed with status {done.returncode}")
-            for result in json.loads(export.read_text())["results"]:
-                times[result["command"]] += result["times"]
+        if path:
+            lines = {name: " ".join(commands[name]) for name in order}
+            timed = hyperfine(path, lines, settings.cli_warmup, settings.cli_runs, env)
+            for name, seconds in timed.items():
+                times[name] += seconds
         else:
             for name in order:
                 for _ in range(settings.cli_warmup):
@@ -372,25 +224,12 @@ def time_cli(
             for _ in range(settings.cli_runs):
                 for name in order:
                     times[name].append(run_once(commands[name], env))
-    tool = "hyperfine" if hyperfine else "subprocess + perf_counter"
+    tool = "hyperfine" if path else "subprocess + perf_counter"
     return times, tool
 
 
-def find_hyperfine() -> str | None:
-    """hyperfine's path if it is there and has ``-N`` (1.13 or later)."""
-    path = shutil.which("hyperfine")
-    if path is None:
-        print("hyperfine not found: timing with subprocess", file=sys.stderr)
-        return None
-    version = subprocess.run([path, "--version"], capture_output=True, text=True)
-    numbers = version.stdout.split()[-1].split(".") if version.stdout else []
-    if tuple(int(n) for n in numbers[:2] if n.isdigit()) < (1, 13):
-        print(f"{version.stdout.strip()} lacks -N: using subprocess", file=sys.stderr)
-        return None
-    return path
-
-
 def run_once(argv: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one run of ``argv`` (no hyperfine)."""
     start = time.perf_counter()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -409,17 +248,11 @@ def time_round_trips(
             client.ping()
     samples: dict[str, list[float]] = {name: [] for name in names}
     chunk = max(1, settings.calls // settings.rtt_rounds)
-    clock = time.perf_counter_ns
     gc.disable()
     try:
         for round_ in range(settings.rtt_rounds):
             for name in rotated(names, round_):
-                ping = clients[name].ping
-                out = samples[name]
-                for _ in range(chunk):
-                    start = clock()
-                    ping()
-                    out.append((clock() - start) / 1000)
+                sample_us(clients[name].ping, chunk, samples[name])
     finally:
         gc.enable()
     return samples
@@ -429,6 +262,7 @@ def time_round_trips(
 
 
 def memory(pid: int) -> tuple[int, int]:
+    """RSS and USS of ``pid``, in bytes."""
     process = psutil.Process(pid)
     return process.memory_info().rss, process.memory_full_info().uss
 
@@ -436,10 +270,15 @@ def memory(pid: int) -> tuple[int, int]:
 # -- what limits it ------------------------------------------------------------
 
 
+def shipped_python(code: str) -> str:
+    """What ``python -c code`` prints on bench/.venv-busd's interpreter."""
+    return stdout_of([str(SHIPPED_PYTHON), "-c", code], env=python_env())
+
+
 def import_profile(argv: list[str], runs: int = 5) -> dict[str, float]:
     """Median self time (µs) of each module imported, under -X importtime."""
     per_module: dict[str, list[float]] = collections.defaultdict(list)
-    env = child_env()
+    env = python_env()
     env["PYTHONPROFILEIMPORTTIME"] = "1"
     for _ in range(runs):
         stderr = subprocess.run(
@@ -465,18 +304,7 @@ def cli_analysis(commands: dict[str, list[str]]) -> list[str]:
         "t = time.perf_counter(); c.build_parser(); "
         "print((time.perf_counter() - t) * 1e3)"
     )
-    parser_ms = statistics.median(
-        float(
-            subprocess.run(
-                [str(BUSD_PYTHON), "-c", code],
-                env=child_env(),
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )
-        for _ in range(5)
-    )
+    parser_ms = statistics.median(float(shipped_python(code)) for _ in range(5))
     argparse_shutil = [
         m for m in ("shutil", "zlib", "bz2", "lzma", "fnmatch") if m in extra
     ]
@@ -559,13 +387,7 @@ def memory_analysis() -> list[tuple[str, int, int]]:
         code.append(f"print({step!r}, rss(), len(sys.modules), sep='\\t')")
     runs = []
     for _ in range(3):
-        out = subprocess.run(
-            [str(BUSD_PYTHON), "-c", "\n".join(code)],
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = shipped_python("\n".join(code))
         runs.append([line.split("\t") for line in out.splitlines()])
     return [
         (
@@ -577,50 +399,33 @@ def memory_analysis() -> list[tuple[str, int, int]]:
     ]
 
 
-def spy_profile(pid: int, sock: str, seconds: float, tmp: Path) -> collections.Counter:
-    """py-spy samples of busd while one client pings it: frame -> samples."""
-    output = tmp / "py-spy.txt"
-    spy = subprocess.Popen(
-        [
-            *(str(PEERS / "bin" / "py-spy"), "record", "--pid", str(pid)),
-            *("--duration", str(int(seconds)), "--rate", "250", "--format", "raw"),
-            *("--output", str(output)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        with Client(sock) as client:
-            deadline = time.monotonic() + seconds + 1
-            while spy.poll() is None and time.monotonic() < deadline + 5:
-                client.ping()
-        spy.wait(15)
-    finally:
-        stop(spy)
-    # Only the I/O thread (the main thread just waits on the bus); count
-    # the innermost frame of each sample, epoll's wait being idle time.
-    leaves: collections.Counter = collections.Counter()
-    for line in output.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = [frame.split(" (")[0] for frame in stack.split(";") if frame]
-        if "ControlServer._run_loop" in frames:
-            leaves[frames[-1]] += int(count)
-    return leaves
-
-
-def rtt_analysis(leaves: collections.Counter | None) -> list[str]:
-    lines = []
-    if leaves:
-        total = sum(leaves.values())
-        busy = total - leaves.pop("EpollSelector.select", 0)
-        top = ", ".join(
-            f"`{name}` {count / busy:.0%}" for name, count in leaves.most_common(8)
+def spy_profile(pid: int, sock: str, seconds: int, tmp: Path) -> dict:
+    """py-spy samples of busd's I/O thread while one client pings it."""
+    with Client(sock) as client:
+        # Only the I/O thread (the main thread just waits on the bus);
+        # epoll's wait is idle time.
+        return spy_io_thread(
+            pid,
+            tmp / "py-spy.txt",
+            seconds,
+            250,
+            client.ping,
+            lambda frames: "ControlServer._run_loop" in map(frame_name, frames),
+            {"EpollSelector.select"},
         )
+
+
+def rtt_analysis(spy: dict | None) -> list[str]:
+    """What busd does per ping that the echo server does not."""
+    lines = []
+    if spy and spy["total"]:
+        total = spy["total"]
+        busy = total - spy["idle"]
         lines.append(
             f"py-spy on busd's I/O thread during a ping loop: busy (not in epoll) "
             f"in {busy / total:.0%} of {total} samples; innermost frames of the "
-            f"busy ones: {top} (the socket send and recv are the echo server's "
-            "cost too; the rest is busd's)"
+            f"busy ones: {shares(spy['leaves'], busy, 8)} (the socket send and "
+            "recv are the echo server's cost too; the rest is busd's)"
         )
     lines.append(
         "busd answers a ping inside `Connection.data_received`, as the echo "
@@ -636,6 +441,8 @@ def rtt_analysis(leaves: collections.Counter | None) -> list[str]:
 
 @dataclass
 class Results:
+    """Every figure of one run, and the notes on what limits the missed ones."""
+
     settings: Settings
     cli: dict[str, list[float]]  # seconds per run
     cli_tool: str
@@ -644,12 +451,15 @@ class Results:
     notes: dict[str, list[str]] = field(default_factory=dict)
 
     def cli_median(self, name: str) -> float:
+        """Median wall time of the command ``name``, in ms."""
         return statistics.median(self.cli[name]) * 1000
 
     def p50(self, name: str) -> float:
+        """Median round trip of the pair ``name``, in µs."""
         return statistics.median(self.rtt[name])
 
     def busd_rss(self) -> int:
+        """busd's RSS, the worse of after start and after the benchmark."""
         return max(rss for rss, _uss in self.memory["busd"].values())
 
 
@@ -660,14 +470,20 @@ ECHO_RAW = "raw client → echo server"
 SUPERVISOR_RPC = "XML-RPC getState → supervisord"
 
 
-def targets(r: Results) -> list[tuple[str, str, str, bool, str]]:
-    """(figure, measured, goal, met, note key) for each target."""
+def targets(r: Results) -> list[dict]:
+    """The target rows; each also has its ``kind`` of figure, which names
+    its note (``NOTE_TITLES``): what limits it, once looked for."""
+
+    def row(figure: str, measured: str, goal: str, met: bool, kind: str) -> dict:
+        limits = "" if met else "; ".join(r.notes.get(kind, []))
+        return target(figure, measured, goal, met, limits, kind=kind)
+
     rows = []
     floor = r.cli_median("floor client")
     for command in ("busctl ping", "busctl state"):
         ratio = r.cli_median(command) / floor
         rows.append(
-            (
+            row(
                 f"`{command}` wall time / floor client",
                 f"{ratio:.2f}x",
                 f"≤ {CLI_FLOOR_RATIO}x",
@@ -678,7 +494,7 @@ def targets(r: Results) -> list[tuple[str, str, str, bool, str]]:
     if "supervisorctl status" in r.cli:
         ratio = r.cli_median("supervisorctl status") / r.cli_median("busctl state")
         rows.append(
-            (
+            row(
                 "`supervisorctl status` / `busctl state` wall time",
                 f"{ratio:.2f}x",
                 f"≥ {CLI_PEER_RATIO}x",
@@ -692,7 +508,7 @@ def targets(r: Results) -> list[tuple[str, str, str, bool, str]]:
     ):
         ratio = r.p50(busd) / r.p50(echo)
         rows.append(
-            (
+            row(
                 f"round trip p50, busd / echo server ({what})",
                 f"{ratio:.2f}x",
                 f"≤ {RTT_FLOOR_RATIO}x",
@@ -703,7 +519,7 @@ def targets(r: Results) -> list[tuple[str, str, str, bool, str]]:
     if SUPERVISOR_RPC in r.rtt:
         ratio = r.p50(SUPERVISOR_RPC) / r.p50(BUSD_CLIENT)
         rows.append(
-            (
+            row(
                 "round trip p50, supervisord getState / busd ping",
                 f"{ratio:.2f}x",
                 f"≥ {RTT_PEER_RATIO}x",
@@ -713,7 +529,7 @@ def targets(r: Results) -> list[tuple[str, str, str, bool, str]]:
         )
     rss = r.busd_rss()
     rows.append(
-        (
+        row(
             "busd idle RSS (worst of after start / after the benchmark)",
             f"{rss / MiB:.1f} MiB",
             f"≤ {RSS_LIMIT / MiB:.0f} MiB",
@@ -734,24 +550,21 @@ NOTE_TITLES = {
 
 
 def report(r: Results) -> str:
+    """The target table (a note per kind of missed figure), then every figure."""
     rows = targets(r)
-    out = ["| target | measured | goal | met |", "|---|---:|---:|---|"]
-    for figure, measured, goal, met, _key in rows:
-        out.append(f"| {figure} | {measured} | {goal} | {'yes' if met else '**no**'} |")
-    missed = [key for *_rest, met, key in rows if not met]
-    notes = [key for key in dict.fromkeys(missed) if r.notes.get(key)]
-    if notes:
-        out += ["", "What limits the missed figures:", ""]
-        for key in notes:
-            out.append(f"- **{NOTE_TITLES[key]}**: " + "; ".join(r.notes[key]) + ".")
+    notes = {
+        NOTE_TITLES[row["kind"]]: row["limits"] + "."
+        for row in rows
+        if not row["met"] and row["limits"]
+    }
+    out = [target_table(rows, notes)]
 
     floor = r.cli_median("floor client")
     out += [
         "",
         f"### CLI wall time ({r.cli_tool})",
         "",
-        "| command | median ms | min-max ms | runs | / floor client |",
-        "|---|---:|---:|---:|---:|",
+        *table_head("command", "median ms", "min-max ms", "runs", "/ floor client"),
     ]
     for name, times in r.cli.items():
         median = r.cli_median(name)
@@ -764,8 +577,9 @@ def report(r: Results) -> str:
         "",
         "### Round trip on one connection",
         "",
-        "| client → server | p50 µs | p99 µs | calls | p50 / busctl.Client → busd |",
-        "|---|---:|---:|---:|---:|",
+        *table_head(
+            "client → server", "p50 µs", "p99 µs", "calls", "p50 / busctl.Client → busd"
+        ),
     ]
     base = r.p50(BUSD_CLIENT)
     for name, samples in r.rtt.items():
@@ -778,10 +592,11 @@ def report(r: Results) -> str:
         "",
         "### Idle memory",
         "",
-        "| process | "
-        + " | ".join(f"RSS {when}" for when in MEMORY_WHEN)
-        + " | USS after the benchmark |",
-        "|---|" + "---:|" * (len(MEMORY_WHEN) + 1),
+        *table_head(
+            "process",
+            *(f"RSS {when}" for when in MEMORY_WHEN),
+            "USS after the benchmark",
+        ),
     ]
     for name, figures in r.memory.items():
         cells = [f"{figures[when][0] / MiB:.1f} MiB" for when in MEMORY_WHEN]
@@ -793,68 +608,55 @@ def report(r: Results) -> str:
 MEMORY_WHEN = ("after start", "after the benchmark")
 
 
-def section(r: Results, host: str) -> str:
+def command(r: Results) -> str:
+    """How the figures were taken, for the section's ``Command:`` line."""
     s = r.settings
     runs = s.cli_rounds * s.cli_runs
     return (
-        f"{SECTION}\n\n"
-        f"Machine: {host}.  \n"
-        f"Date: {now()}.  \n"
-        "Command: `.venv/bin/python bench/control.py --write` (CLI: "
+        "`.venv/bin/python bench/control.py --write` (CLI: "
         f"{r.cli_tool}, "
         f"{s.cli_rounds} interleaved rounds of {s.cli_runs} runs after "
         f"{s.cli_warmup} warmups, {runs} runs per command, median; round trips: "
         f"{s.calls:,} calls per client and server on one connection, in "
         f"{s.rtt_rounds} interleaved chunks; "
         + (
-            f"supervisor {PEER_PACKAGES[0].split('==')[1]} from bench/.venv-peers"
+            f"supervisor {peer_version('supervisor')} from bench/.venv-peers"
             if s.peers
             else "no peers (--quick)"
         )
-        + ").\n\n"
-        f"{report(r)}\n"
+        + ")."
     )
 
 
 # -- main ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def closing_all(clients: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    try:
-        yield clients
-    finally:
-        for client in clients.values():
-            client.close()
-
-
 def run(settings: Settings, tmp: Path, profile: bool) -> Results:
-    processes: list[subprocess.Popen[bytes]] = []
-    sleeper_pid = None
-    try:
+    """Start busd, the echo server and supervisord; take every figure."""
+    with ending() as processes:
         rt = working_tree() if settings.quick else installed(tmp)
-        busd, busd_sock = start_busd(tmp, rt)
+        busd, busd_sock = start_busd(
+            tmp, busd=rt.busd, env=rt.env, deadline=STARTUP_DEADLINE
+        )
         processes.append(busd)
-        echo, echo_sock = start_echo(tmp, rt)
+        echo, echo_sock = start_echo(tmp, rt.python, rt.env, STARTUP_DEADLINE)
         processes.append(echo)
         conf = supervisor_sock = None
-        if settings.peers:
-            ensure_peers(with_py_spy=True)
-            supervisord, conf, supervisor_sock = start_supervisord(tmp)
-            processes.append(supervisord)
-            rpc = SupervisorRPC(supervisor_sock)
-            sleeper_pid = rpc.call("supervisor.getProcessInfo", "sleeper")["pid"]
-            rpc.close()
-        time.sleep(0.5)  # let start-up settle before the idle figure
         memory_pids = {"busd": busd.pid}
         if settings.peers:
-            memory_pids["supervisord"] = processes[-1].pid
+            ensure_peers(["supervisor", "py-spy"])
+            supervisord, supervisor_sock, conf = start_supervisord(
+                tmp, STARTUP_DEADLINE
+            )
+            processes.append(supervisord)
+            memory_pids["supervisord"] = supervisord.pid
+        time.sleep(0.5)  # let start-up settle before the idle figure
         mem: dict[str, dict[str, tuple[int, int]]] = {
             name: {"after start": memory(pid)} for name, pid in memory_pids.items()
         }
 
         commands = cli_commands(rt, busd_sock, conf)
-        cli, tool = time_cli(commands, settings, tmp, rt.env)
+        cli, tool = time_cli(commands, settings, rt.env)
 
         clients: dict[str, Any] = {
             BUSD_CLIENT: Client(busd_sock),
@@ -873,7 +675,7 @@ def run(settings: Settings, tmp: Path, profile: bool) -> Results:
         results = Results(settings, cli, tool, rtt, mem)
 
         if not settings.quick:  # what limits each missed figure
-            missed = {key for *_rest, met, key in targets(results) if not met}
+            missed = {row["kind"] for row in targets(results) if not row["met"]}
             if "cli" in missed:
                 results.notes["cli"] = cli_analysis(commands)
             if "rtt" in missed:
@@ -882,17 +684,10 @@ def run(settings: Settings, tmp: Path, profile: bool) -> Results:
             if "memory" in missed:
                 results.notes["memory"] = memory_notes(results, memory_analysis())
         return results
-    finally:
-        for process in reversed(processes):
-            stop(process)
-        if sleeper_pid and psutil.pid_exists(sleeper_pid):
-            with contextlib.suppress(psutil.Error):
-                leftover = psutil.Process(sleeper_pid)
-                if leftover.name() == "sleep":
-                    leftover.kill()
 
 
 def memory_notes(r: Results, steps: list[tuple[str, int, int]]) -> list[str]:
+    """What busd's RSS is made of: the import steps, and the rest."""
     parts = [f"{steps[0][0]} {steps[0][1] / MiB:.1f} MiB"]
     for (_, before, _), (step, rss, _) in itertools.pairwise(steps):
         parts.append(f"{step} +{(rss - before) / MiB:.1f} MiB")
@@ -910,12 +705,9 @@ def memory_notes(r: Results, steps: list[tuple[str, int, int]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help=f"update {SECTION!r}")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke test: tiny counts, 1 round, busd against the floors only",
+    """Take the figures, print them; with ``--write`` update RESULTS.md."""
+    parser = options(
+        __doc__, quick="smoke test: tiny counts, 1 round, busd against the floors only"
     )
     parser.add_argument(
         "--calls", type=int, default=5000, help="round trips per pair (default 5000)"
@@ -929,21 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip py-spy in the notes",
     )
-    args = parser.parse_args(argv)
-    if not args.quick and args.runs < 20:
-        parser.error("--runs must be at least 20")
-    if args.quick and args.write:
-        parser.error("--quick figures are not for RESULTS.md")
+    args = parse(parser, argv, at_least={"runs": 20})
     settings = Settings.make(args.quick, args.calls, args.runs)
-    host = machine()  # before the run: the load average is the others'
-    with tempfile.TemporaryDirectory(prefix="busd-bench-") as tmp:
-        results = run(settings, Path(tmp), args.profile)
-    print(f"Machine: {host}\n")
-    print(report(results))
-    if args.write:
-        write_section(SECTION, section(results, host))
-        print(f"\nUpdated {BENCH / 'RESULTS.md'}")
-    return 0
+    host, results = measured(lambda tmp: run(settings, tmp, args.profile))
+    text = report(results)
+    rows = targets(results)
+    return finish(args, host, text, rows, [(SECTION, command(results), text)])
 
 
 if __name__ == "__main__":

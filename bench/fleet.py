@@ -29,9 +29,7 @@ bench/.venv-peers' interpreter; busd always runs on the project's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -40,23 +38,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _procs
 import psutil
-from _common import (
+from _procs import (
     BENCH,
     BUSD_PYTHON,
+    PEERS,
     child_env,
+    descendants,
     end_pids,
-    machine,
-    now,
-    target_table,
-    write_section,
-    write_targets,
+    measured,
+    noop_broker,
+    peer_version,
+    quiet,
+    supervisor_call,
+    wait_until,
 )
+from _report import finish, options, parse, table_head, target, target_table
+from _timing import find_hyperfine, hyperfine, rotated
 
 START_SECTION = "## Start and stop N workers"
 MEMORY_SECTION = "## Memory per supervised worker"
@@ -67,6 +70,7 @@ DEADLINE = 60.0
 WORKER = [str(BUSD_PYTHON), str(BENCH / "idle_worker.py")]
 KiB = 1024
 MiB = 1024 * 1024
+median = statistics.median
 
 
 class Launched:
@@ -82,38 +86,17 @@ class Launched:
 
 
 def launch_busd(tmp: Path, n: int) -> tuple[Launched, Callable[[], bool]]:
-    config = tmp / "busd.toml"
-    config.write_text(
-        ""
-        if n == 0
-        else (
-            "[brokers.bench]\n"
-            'handler = "bench_brokers:Noop"\n'
-            f'cwd = "{BENCH}"\n'
-            f"instances = {n}\n"
-        )
-    )
+    """busd with N Noop instances, telling its READY=1 on our NOTIFY_SOCKET."""
     notify_path = str(tmp / "notify.sock")
-    with_suppress_unlink(notify_path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(notify_path)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.setblocking(False)
-    log = open(tmp / "busd.log", "ab")  # noqa: SIM115 - closed by cleanup
-    process = subprocess.Popen(
-        [
-            *(str(BUSD_PYTHON), "-m", "busd", "run", "--config", str(config)),
-            *("--socket", str(tmp / "busd.sock"), "--pidfile", str(tmp / "busd.pid")),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        env=child_env(NOTIFY_SOCKET=notify_path),
-        cwd=tmp,
+    config = noop_broker(instances=n) if n else ""
+    process, _sock = _procs.launch_busd(
+        tmp, config, env=child_env(NOTIFY_SOCKET=notify_path)
     )
-
-    def cleanup() -> None:
-        notify.close()
-        log.close()
 
     def ready() -> bool:
         try:
@@ -123,77 +106,27 @@ def launch_busd(tmp: Path, n: int) -> tuple[Launched, Callable[[], bool]]:
         except BlockingIOError:
             return False
 
-    return Launched(process, cleanup), ready
-
-
-def with_suppress_unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    return Launched(process, notify.close), ready
 
 
 # -- supervisord -----------------------------------------------------------------
 
-SUPERVISORD_CONF = """\
-[unix_http_server]
-file={tmp}/supervisor.sock
-
-[supervisord]
-nodaemon=true
-pidfile={tmp}/supervisord.pid
-logfile={tmp}/supervisord.log
-childlogdir={tmp}
-loglevel=warn
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
-[program:w]
-command={worker}
-process_name=%(program_name)s_%(process_num)03d
-numprocs={n}
-startsecs=0
-autorestart=false
-stopwaitsecs=10
-"""
-
-
-class UnixTransport(xmlrpc.client.Transport):
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-
-    def make_connection(self, host: Any) -> Any:
-        import http.client
-
-        class Connection(http.client.HTTPConnection):
-            def connect(conn) -> None:
-                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                conn.sock.connect(self.path)
-
-        return Connection("localhost")
-
 
 def launch_supervisord(tmp: Path, n: int) -> tuple[Launched, Callable[[], bool]]:
-    from _common import PEERS
-
-    conf = tmp / "supervisord.conf"
-    conf.write_text(SUPERVISORD_CONF.format(tmp=tmp, worker=" ".join(WORKER), n=n))
-    sock = str(tmp / "supervisor.sock")
-    with_suppress_unlink(sock)
-    process = subprocess.Popen(
-        [str(PEERS / "bin" / "supervisord"), "-c", str(conf)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp,
+    """supervisord with N of the idle worker, ready when XML-RPC shows N RUNNING."""
+    process, sock, _conf = _procs.launch_supervisord(
+        tmp,
+        "[program:w]\n"
+        f"command={' '.join(WORKER)}\n"
+        "process_name=%(program_name)s_%(process_num)03d\n"
+        f"numprocs={n}\n"
+        "startsecs=0\n"
+        "autorestart=false\n"
+        "stopwaitsecs=10\n",
     )
-    proxy = xmlrpc.client.ServerProxy("http://localhost", transport=UnixTransport(sock))
 
     def ready() -> bool:
-        try:
-            infos = proxy.supervisor.getAllProcessInfo()
-        except (OSError, xmlrpc.client.Error):
-            return False
+        infos = supervisor_call(sock, "supervisor.getAllProcessInfo")
         return sum(info["statename"] == "RUNNING" for info in infos) >= n
 
     return Launched(process, lambda: None), ready
@@ -221,28 +154,20 @@ graceful_timeout = 10
 
 
 def launch_circus(tmp: Path, n: int) -> tuple[Launched, Callable[[], bool]]:
-    from _common import PEERS
+    """circusd with N of the idle worker, ready when its client's ``status``
+    is active and ``list`` shows N PIDs."""
     from circus.client import CircusClient
 
     ini = tmp / "circus.ini"
     ini.write_text(CIRCUS_INI.format(tmp=tmp, worker=" ".join(WORKER), n=n))
-    process = subprocess.Popen(
-        [str(PEERS / "bin" / "circusd"), str(ini)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp,
-    )
+    process = quiet([str(PEERS / "bin" / "circusd"), str(ini)], tmp)
     client = CircusClient(endpoint=f"ipc://{tmp}/circus-endpoint", timeout=0.5)
 
     def ready() -> bool:
-        try:
-            status = client.call({"command": "status", "properties": {"name": "w"}})
-            if status.get("status") != "active":
-                return False
-            listed = client.call({"command": "list", "properties": {"name": "w"}})
-        except Exception:
+        status = client.call({"command": "status", "properties": {"name": "w"}})
+        if status.get("status") != "active":
             return False
+        listed = client.call({"command": "list", "properties": {"name": "w"}})
         return len(listed.get("pids", [])) >= n
 
     return Launched(process, client.stop), ready
@@ -259,6 +184,7 @@ LAUNCHERS = {
 
 
 def gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie has)."""
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -275,16 +201,10 @@ def one_cycle(
     process = launched.process
     result: dict[str, Any] = {}
     try:
-        while not ready():
-            if process.poll() is not None:
-                raise RuntimeError(f"{tool} exited with {process.returncode}")
-            if time.perf_counter() - start > DEADLINE:
-                raise RuntimeError(f"{tool}: {n} workers not ready in {DEADLINE} s")
-            time.sleep(0.002)
+        # Polled every 2 ms: the figure is in tens of milliseconds.
+        wait_until(ready, process, f"{tool} with {n} workers", DEADLINE, 0.002)
         result["start_ms"] = (time.perf_counter() - start) * 1000
-        launched.workers = [
-            p.pid for p in psutil.Process(process.pid).children(recursive=True)
-        ]
+        launched.workers = descendants(process.pid)
         if measure is not None:
             result["measure"] = measure(launched)
         pids = [process.pid, *launched.workers]
@@ -300,9 +220,7 @@ def one_cycle(
         return result
     finally:
         launched.cleanup()
-        kids = [*launched.workers]
-        with contextlib.suppress(psutil.Error):
-            kids += [p.pid for p in psutil.Process(process.pid).children(True)]
+        kids = [*launched.workers, *descendants(process.pid)]
         if process.poll() is None:
             process.kill()
         process.wait(10)
@@ -310,6 +228,7 @@ def one_cycle(
 
 
 def rss_after_idle(launched: Launched) -> dict[str, int]:
+    """The supervisor's own memory, fds and threads after a second idle."""
     time.sleep(1.0)
     proc = psutil.Process(launched.process.pid)
     info = proc.memory_full_info()
@@ -330,28 +249,21 @@ def rss_after_idle(launched: Launched) -> dict[str, int]:
     }
 
 
-def rotate(items: list[str], round_: int) -> list[str]:
-    shift = round_ % len(items)
-    return items[shift:] + items[:shift]
-
-
-def run_start(tools: list[str], ns: list[int], repeats: int, tmp: Path) -> dict:
+def run_cycles(
+    tools: list[str],
+    ns: list[int],
+    repeats: int,
+    tmp: Path,
+    measure: Callable[[Launched], Any] | None = None,
+) -> dict[str, dict[int, list[dict]]]:
+    """``repeats`` rounds of one cycle per N and supervisor, taking turns:
+    tool -> N -> the cycles' results."""
     out: dict[str, dict[int, list[dict]]] = {t: {n: [] for n in ns} for t in tools}
     for round_ in range(repeats):
         for n in ns:
-            for tool in rotate(tools, round_):
+            for tool in rotated(tools, round_):
                 if n or tool == "busd":  # N = 0: busd's own start, for the notes
-                    out[tool][n].append(one_cycle(tool, n, tmp))
-    return out
-
-
-def run_memory(tools: list[str], ns: list[int], repeats: int, tmp: Path) -> dict:
-    out: dict[str, dict[int, list[dict]]] = {t: {n: [] for n in ns} for t in tools}
-    for round_ in range(repeats):
-        for n in ns:
-            for tool in rotate(tools, round_):
-                cycle = one_cycle(tool, n, tmp, rss_after_idle)
-                out[tool][n].append(cycle["measure"])
+                    out[tool][n].append(one_cycle(tool, n, tmp, measure))
     return out
 
 
@@ -364,56 +276,49 @@ def hyperfine_imports() -> dict[str, float]:
         ),
         "python -m busd run --help": f"{BUSD_PYTHON} -m busd run --help",
     }
-    with tempfile.NamedTemporaryFile(suffix=".json") as export:
-        done = subprocess.run(
-            [
-                *("hyperfine", "-N", "--warmup", "3", "--runs", "15"),
-                *("--style", "none"),
-                *("--export-json", export.name, *commands.values()),
-            ],
-            env=child_env(),
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            return {}
-        data = json.loads(Path(export.name).read_text())
-    return {
-        name: statistics.median(r["times"]) * 1000
-        for name, r in zip(commands, data["results"], strict=True)
-    }
+    path = find_hyperfine("no start-up figures in the notes")
+    if path is None:
+        return {}
+    try:
+        times = hyperfine(path, commands, 3, 15, child_env())
+    except RuntimeError:
+        return {}
+    return {name: median(seconds) * 1000 for name, seconds in times.items()}
 
 
 # -- the report ----------------------------------------------------------------
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
+def mid(cycles: list[dict], key: str) -> float:
+    """The median of ``key`` over ``cycles``."""
+    return median([c[key] for c in cycles])
 
 
 def start_report(res: dict, tools: list[str], ns: list[int], imports: dict) -> tuple:
+    """The start/stop table and target rows (with what limits a miss)."""
     lines = [
         "| N | supervisor | start → all ready, median ms | min-max | "
         "SIGTERM → all gone, median ms | min-max | start / busd |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for n in ns:
-        busd_start = med([c["start_ms"] for c in res["busd"][n]])
+        busd_start = mid(res["busd"][n], "start_ms")
         for tool in tools:
             cycles = res[tool][n]
             starts = [c["start_ms"] for c in cycles]
             stops = [c["stop_ms"] for c in cycles]
             lines.append(
-                f"| {n} | {tool} | {med(starts):.0f} | {min(starts):.0f}-"
-                f"{max(starts):.0f} | {med(stops):.0f} | {min(stops):.0f}-"
-                f"{max(stops):.0f} | {med(starts) / busd_start:.2f}x |"
+                f"| {n} | {tool} | {median(starts):.0f} | {min(starts):.0f}-"
+                f"{max(starts):.0f} | {median(stops):.0f} | {min(stops):.0f}-"
+                f"{max(stops):.0f} | {median(starts) / busd_start:.2f}x |"
             )
     rows = []
     if TARGET_START_N in res["busd"]:
-        at = med([c["start_ms"] for c in res["busd"][TARGET_START_N]])
+        at = mid(res["busd"][TARGET_START_N], "start_ms")
         limits = ""
         if at > TARGET_START_MS:
-            zero = med([c["start_ms"] for c in res["busd"].get(0, [])] or [0])
+            alone = res["busd"].get(0)
+            zero = mid(alone, "start_ms") if alone else 0
             parts = []
             if zero:
                 help_ms = imports.get("python -m busd run --help", 0.0)
@@ -440,44 +345,46 @@ def start_report(res: dict, tools: list[str], ns: list[int], imports: dict) -> t
             )
             limits = "; ".join(parts)
         rows.append(
-            {
-                "figure": f"busd start → {TARGET_START_N} workers ready (READY=1)",
-                "measured": f"{at:.0f} ms",
-                "goal": f"≤ {TARGET_START_MS:.0f} ms",
-                "met": at <= TARGET_START_MS,
-                "limits": limits,
-            }
+            target(
+                f"busd start → {TARGET_START_N} workers ready (READY=1)",
+                f"{at:.0f} ms",
+                f"≤ {TARGET_START_MS:.0f} ms",
+                at <= TARGET_START_MS,
+                limits,
+            )
         )
-        gone = med([c["stop_ms"] for c in res["busd"][TARGET_START_N]])
+        gone = mid(res["busd"][TARGET_START_N], "stop_ms")
         rows.append(
-            {
-                "figure": f"busd SIGTERM → {TARGET_START_N} workers and busd gone",
-                "measured": f"{gone:.0f} ms",
-                "goal": f"≤ {TARGET_START_MS:.0f} ms",
-                "met": gone <= TARGET_START_MS,
-                "limits": "each worker is asked to stop (a `stop` frame), "
+            target(
+                f"busd SIGTERM → {TARGET_START_N} workers and busd gone",
+                f"{gone:.0f} ms",
+                f"≤ {TARGET_START_MS:.0f} ms",
+                gone <= TARGET_START_MS,
+                "each worker is asked to stop (a `stop` frame), "
                 "finishes and exits; busd waits for every exit, then closes",
-            }
+            )
         )
     return "\n".join(lines), rows
 
 
 def memory_report(res: dict, tools: list[str], ns: list[int]) -> tuple:
+    """The RSS table and the per-worker target row (``res``: the measures)."""
     lo, hi = min(ns), max(ns)
-    lines = [
-        "| supervisor | "
-        + " | ".join(f"RSS N={n}" for n in ns)
-        + f" | growth per worker (N={lo}→{hi}) | anon growth per worker | fds N={hi} |",
-        "|---|" + "---:|" * (len(ns) + 3),
-    ]
+    lines = table_head(
+        "supervisor",
+        *(f"RSS N={n}" for n in ns),
+        f"growth per worker (N={lo}→{hi})",
+        "anon growth per worker",
+        f"fds N={hi}",
+    )
     slopes = {}
     for tool in tools:
-        rss = {n: med([m["rss"] for m in res[tool][n]]) for n in ns}
-        anon = {n: med([m["anon"] for m in res[tool][n]]) for n in ns}
+        rss = {n: mid(res[tool][n], "rss") for n in ns}
+        anon = {n: mid(res[tool][n], "anon") for n in ns}
         slope = (rss[hi] - rss[lo]) / (hi - lo)
         anon_slope = (anon[hi] - anon[lo]) / (hi - lo)
         slopes[tool] = slope
-        fds = med([m["fds"] for m in res[tool][hi]])
+        fds = mid(res[tool][hi], "fds")
         lines.append(
             f"| {tool} | "
             + " | ".join(f"{rss[n] / MiB:.1f} MiB" for n in ns)
@@ -486,7 +393,7 @@ def memory_report(res: dict, tools: list[str], ns: list[int]) -> tuple:
     slope = slopes["busd"]
     limits = ""
     if slope > TARGET_PER_WORKER:
-        fds = med([m["fds"] for m in res["busd"][hi]])
+        fds = mid(res["busd"][hi], "fds")
         limits = (
             f"busd holds {fds:.0f} fds at N={hi} (3 pipes per worker); per worker it "
             "keeps an asyncio subprocess transport with 3 pipe transports, 3 "
@@ -494,35 +401,43 @@ def memory_report(res: dict, tools: list[str], ns: list[int]) -> tuple:
             "log ring: measure with tracemalloc in busd to pin it down"
         )
     rows = [
-        {
-            "figure": "busd RSS growth per supervised worker",
-            "measured": f"{slope / KiB:.0f} KiB",
-            "goal": f"≤ {TARGET_PER_WORKER // KiB} KiB",
-            "met": slope <= TARGET_PER_WORKER,
-            "limits": limits,
-        }
+        target(
+            "busd RSS growth per supervised worker",
+            f"{slope / KiB:.0f} KiB",
+            f"≤ {TARGET_PER_WORKER // KiB} KiB",
+            slope <= TARGET_PER_WORKER,
+            limits,
+        )
     ]
     return "\n".join(lines), rows
 
 
+def run(
+    tools: list[str], start_ns: list[int], memory_ns: list[int], repeats: int, tmp: Path
+) -> tuple[dict, dict]:
+    """The start/stop cycles, then the memory measures (tool -> N -> list)."""
+    start = run_cycles(tools, start_ns, repeats, tmp)
+    cycles = run_cycles(tools, memory_ns, repeats, tmp, rss_after_idle)
+    memory = {
+        tool: {n: [c["measure"] for c in by_n[n]] for n in by_n}
+        for tool, by_n in cycles.items()
+    }
+    return start, memory
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test, busd only")
-    parser.add_argument("--write", action="store_true", help="update RESULTS.md")
+    """Run the cycles, print the tables; with ``--write`` update RESULTS.md."""
+    parser = options(__doc__, quick="smoke test, busd only")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--targets-json", help="write the target rows here")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv, at_least={"repeats": 5})
     if args.quick:
         tools, start_ns, memory_ns, repeats = ["busd"], [0, 2], [1, 3], 1
     else:
-        if args.repeats < 5:
-            parser.error("--repeats must be at least 5")
         tools, start_ns, memory_ns = list(LAUNCHERS), [0, 4, 32], [1, 10, 100]
         repeats = args.repeats
-    host = machine()
-    with tempfile.TemporaryDirectory(prefix="busd-bench-") as tmp:
-        start = run_start(tools, start_ns, repeats, Path(tmp))
-        memory = run_memory(tools, memory_ns, repeats, Path(tmp))
+    host, (start, memory) = measured(
+        lambda tmp: run(tools, start_ns, memory_ns, repeats, tmp)
+    )
     for tool in tools[1:]:
         start[tool].pop(0, None)
     imports = hyperfine_imports() if not args.quick else {}
@@ -530,37 +445,39 @@ def main(argv: list[str] | None = None) -> int:
         start, tools, [n for n in start_ns if n] or start_ns, imports
     )
     if 0 in start["busd"]:
-        zero = [c["start_ms"] for c in start["busd"][0]]
         start_text += (
-            f"\n\nbusd with no broker at all: {med(zero):.0f} ms to READY=1, "
-            f"{med([c['stop_ms'] for c in start['busd'][0]]):.0f} ms to exit."
+            "\n\nbusd with no broker at all: "
+            f"{mid(start['busd'][0], 'start_ms'):.0f} ms to READY=1, "
+            f"{mid(start['busd'][0], 'stop_ms'):.0f} ms to exit."
         )
     mem_text, mem_rows = memory_report(memory, tools, memory_ns)
     rows = start_rows + mem_rows
-    print(f"Machine: {host}\n\n{target_table(rows)}\n\n{start_text}\n\n{mem_text}")
-    write_targets(args.targets_json, rows)
-    if args.write:
-        common = (
-            f"Machine: {host}.  \nDate: {now()}.  \n"
-            f"Command: `bench/run` → `bench/fleet.py --write` ({repeats} "
-            "repetitions, the supervisors taking turns, median; busd workers "
-            "are `bench_brokers:Noop` instances (busd.worker, forked by busd's "
-            "fork server; RUNNING once they said ready), supervisord 4.3.0 "
-            "and circus 0.19.0 "
-            "from bench/.venv-peers run `idle_worker.py` on the same "
-            "interpreter (RUNNING / active once spawned, `startsecs = 0`)).\n\n"
-        )
-        write_section(
-            START_SECTION,
-            f"{START_SECTION}\n\n{common}{target_table(start_rows)}\n\n{start_text}\n",
-        )
-        write_section(
-            MEMORY_SECTION,
-            f"{MEMORY_SECTION}\n\n{common}{target_table(mem_rows)}\n\n"
-            f"Each supervisor's own RSS (psutil, by PID; its workers not "
-            f"counted), 1 s after all N workers were up.\n\n{mem_text}\n",
-        )
-    return 0
+    command = (
+        f"`bench/run` → `bench/fleet.py --write` ({repeats} "
+        "repetitions, the supervisors taking turns, median; busd workers "
+        "are `bench_brokers:Noop` instances (busd.worker, forked by busd's "
+        "fork server; RUNNING once they said ready), "
+        f"supervisord {peer_version('supervisor')} "
+        f"and circus {peer_version('circus')} "
+        "from bench/.venv-peers run `idle_worker.py` on the same "
+        "interpreter (RUNNING / active once spawned, `startsecs = 0`))."
+    )
+    return finish(
+        args,
+        host,
+        f"{target_table(rows)}\n\n{start_text}\n\n{mem_text}",
+        rows,
+        [
+            (START_SECTION, command, f"{target_table(start_rows)}\n\n{start_text}"),
+            (
+                MEMORY_SECTION,
+                command,
+                f"{target_table(mem_rows)}\n\n"
+                "Each supervisor's own RSS (psutil, by PID; its workers not "
+                f"counted), 1 s after all N workers were up.\n\n{mem_text}",
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -10,17 +10,21 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import sys
 import time
 
 import redis
+from _procs import join_or_kill
+from _timing import sample_us
 
 CHANNEL = "bench"
 
 
 def subscriber(port: int, count: int, ready, out) -> None:
+    """Count ``count`` messages on the channel; put the time of the last."""
     client = redis.Redis(host="127.0.0.1", port=port)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(CHANNEL)
@@ -36,6 +40,7 @@ def subscriber(port: int, count: int, ready, out) -> None:
 
 
 def main() -> int:
+    """Publish, time the delivery and the single round trips; print JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--messages", type=int, default=40_000)
@@ -62,18 +67,12 @@ def main() -> int:
             left -= min(left, args.window)
         end = out.get(timeout=120)
         result = {"delivered_per_s": args.messages / (end - start)}
-        latency = []
-        for _ in range(args.calls):
-            t = time.perf_counter_ns()
-            client.publish("latency", args.message)
-            latency.append((time.perf_counter_ns() - t) / 1000)
-        result["latency"] = latency
+        result["latency"] = []
+        publish = functools.partial(client.publish, "latency", args.message)
+        sample_us(publish, args.calls, result["latency"])
     finally:
         client.close()
-        sub.join(10)
-        if sub.is_alive():
-            sub.kill()
-            sub.join()
+        join_or_kill(sub)
     json.dump(result, sys.stdout)
     return 0
 

@@ -6,15 +6,15 @@ then runs, each on its own:
 
 1. ``bus_publish.py``: ``Bus.publish`` against CherryPy's (in-process);
 2. ``control.py``: CLI wall time, control round trip, busd's idle RSS,
-   against supervisord (its functions are called here, so the target rows
-   come back);
+   against supervisord;
 3. ``throughput.py``: publish -> ack through busd against Redis PUBLISH;
 4. ``fleet.py``: start/stop N workers and memory per worker, against
    supervisord and circus (on the peers' interpreter);
 5. ``scaling.py``: round trip with 0/100/1000 idle clients.
 
-With ``--write`` each updates its section of RESULTS.md and this script
-puts a ``## Summary`` at the top: every target, met or not, and what
+Each hands its target rows back (``--targets-json``). With ``--write``
+each updates its section of RESULTS.md and this script puts a
+``## Summary`` at the top: every target, met or not, and what
 limits each missed one. At the end it checks with psutil that no process
 a benchmark started is left, and ends any by PID.
 
@@ -35,48 +35,34 @@ import time
 from pathlib import Path
 
 import psutil
-from _common import BENCH, PEERS, ROOT, machine, now, write_section
-
-PEER_PACKAGES = (
-    "supervisor==4.3.0",
-    "circus==0.19.0",
-    "CherryPy==18.10.0",
-    "redis==8.1.0",
-    "py-spy==0.4.3",
-    "psutil==7.2.2",
+from _procs import (
+    BENCH,
+    PEER_PACKAGES,
+    PEERS,
+    ROOT,
+    TMP_PREFIX,
+    ensure_peers,
+    redis_available,
 )
+from _report import machine, options, parse, section_text, write_section
+
 DEBIAN_PACKAGES = ("redis-server", "redis-tools")
 SUMMARY = "## Summary"
 # What a benchmark's processes carry in their command line or cwd.
-MARKS = ("busd-bench-", "idle_worker.py", "bench_brokers", "echo_server.py")
+MARKS = (TMP_PREFIX, "idle_worker.py", "bench_brokers", "echo_server.py")
 
 
 def log(text: str) -> None:
+    """A progress line on stderr, marked as bench/run's."""
     print(f"[bench/run] {text}", file=sys.stderr, flush=True)
 
 
 # -- setting up the peers --------------------------------------------------------
 
 
-def ensure_peer_venv() -> str:
-    python = PEERS / "bin" / "python"
-    if not python.exists():
-        log(f"creating {PEERS.relative_to(ROOT)}")
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS)], check=True)
-    frozen = subprocess.run(
-        [str(python), "-m", "pip", "freeze"], capture_output=True, text=True
-    ).stdout.lower()
-    missing = [p for p in PEER_PACKAGES if p.lower() not in frozen]
-    if missing:
-        log("pip install " + " ".join(missing))
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", *missing], check=True
-        )
-    return "peers venv: " + ", ".join(PEER_PACKAGES)
-
-
 def ensure_redis() -> str:
-    if shutil.which("redis-server") and shutil.which("redis-benchmark"):
+    """Install redis-server and redis-tools from Debian if missing (as root)."""
+    if redis_available():
         return "redis-server and redis-benchmark present"
     if not shutil.which("apt-get") or os.geteuid() != 0:
         return "redis skipped: no apt-get, or not root"
@@ -102,74 +88,27 @@ def ensure_redis() -> str:
 
 
 def run_script(
-    name: str, args: argparse.Namespace, python: str | None = None
+    name: str, args: argparse.Namespace, python: str | None = None, cwd: Path = BENCH
 ) -> list[dict]:
+    """Run one benchmark script on its own; the target rows it hands back."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         targets = handle.name
     command = [python or sys.executable, str(BENCH / name)]
     if args.quick:
-        # bus_publish.py has no --quick: its fewest rounds take seconds.
-        command += ["--repeats", "7"] if name == "bus_publish.py" else ["--quick"]
+        command.append("--quick")
     elif args.write:
         command.append("--write")
-    if name != "bus_publish.py":
-        command += ["--targets-json", targets]
+    command += ["--targets-json", targets]
     try:
-        subprocess.run(command, cwd=BENCH, check=True)
+        subprocess.run(command, cwd=cwd, check=True)
         text = Path(targets).read_text()
         return json.loads(text) if text.strip() else []
     finally:
         os.unlink(targets)
 
 
-CONTROL_NOTES = (  # control.py's target rows -> the title of its note
-    ("`busctl", "CLI wall time"),
-    ("`supervisorctl", "CLI against supervisorctl"),
-    ("round trip p50, busd / echo", "Round trip against the echo server"),
-    ("round trip p50, supervisord", "Round trip against supervisord"),
-    ("busd idle RSS", "Idle memory"),
-)
-
-
-def run_control(args: argparse.Namespace) -> list[dict]:
-    """control.py as a command (its functions change with busd); its table read."""
-    command = [sys.executable, str(BENCH / "control.py")]
-    if args.quick:
-        command.append("--quick")
-    elif args.write:
-        command.append("--write")
-    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
-    print(done.stdout, flush=True)
-    rows, notes, in_table = [], {}, False
-    for line in done.stdout.splitlines():
-        if line.startswith("| target | measured | goal | met |"):
-            in_table = True
-        elif in_table and line.startswith("|") and not line.startswith("|---"):
-            figure, measured, goal, met = (
-                c.strip() for c in line.strip("|").split("|")
-            )
-            rows.append(
-                {
-                    "figure": figure,
-                    "measured": measured,
-                    "goal": goal,
-                    "met": met == "yes",
-                    "limits": "",
-                }
-            )
-        elif in_table and not line.startswith("|"):
-            in_table = False
-        if line.startswith("- **") and "**: " in line:
-            title, _, text = line[4:].partition("**: ")
-            notes[title] = text.rstrip(".")
-    for row in rows:
-        for prefix, title in CONTROL_NOTES:
-            if row["figure"].startswith(prefix) and not row["met"]:
-                row["limits"] = notes.get(title, "")
-    return rows
-
-
 def peers_python() -> str:
+    """The peers' interpreter if it has what fleet.py imports, else ours."""
     python = PEERS / "bin" / "python"
     probe = subprocess.run(
         [str(python), "-c", "import circus, psutil, supervisor"], capture_output=True
@@ -181,6 +120,7 @@ def peers_python() -> str:
 
 
 def leftovers(before: set[int]) -> list[psutil.Process]:
+    """Processes started since ``before`` that carry a benchmark's marks."""
     found = []
     for proc in psutil.process_iter(["cmdline", "cwd", "name"]):
         if proc.pid in before or proc.pid == os.getpid():
@@ -200,19 +140,12 @@ def summary(
     notes: list[str],
     command: str,
 ) -> str:
+    """The ``## Summary`` section: every target of every step, then what
+    limits each missed one."""
     total = sum(seconds for seconds, _rows in steps.values())
     rows = [(step, row) for step, (_s, rs) in steps.items() for row in rs]
     missed = [(step, row) for step, row in rows if not row["met"]]
     out = [
-        SUMMARY,
-        "",
-        f"Machine: {host}.  ",
-        f"Date: {now()}.  ",
-        f"Command: `{command}`, {total / 60:.1f} min in all ("
-        + ", ".join(f"{step} {s:.0f} s" for step, (s, _r) in steps.items())
-        + ").  ",
-        "Set-up: " + "; ".join(notes) + ".",
-        "",
         f"**{len(missed)} of {len(rows)} targets missed.**",
         "",
         "| step | target | measured | goal | met |",
@@ -231,10 +164,18 @@ def summary(
                 f"- **{row['figure']}** ({row['measured']}, goal {row['goal']}; "
                 f"{step}): {limits}."
             )
-    return "\n".join(out) + "\n"
+    how = (
+        f"`{command}`, {total / 60:.1f} min in all ("
+        + ", ".join(f"{step} {s:.0f} s" for step, (s, _r) in steps.items())
+        + ").  \nSet-up: "
+        + "; ".join(notes)
+        + "."
+    )
+    return section_text(SUMMARY, host, how, "\n".join(out))
 
 
 def write_summary(text: str) -> None:
+    """Replace the ``## Summary`` of RESULTS.md, or put it at the top."""
     results = BENCH / "RESULTS.md"
     old = results.read_text() if results.exists() else "# Benchmark results\n"
     if SUMMARY + "\n" in old:
@@ -248,16 +189,14 @@ START = time.time()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test, no peers")
-    parser.add_argument("--write", action="store_true", help="update RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.quick and args.write:
-        parser.error("--quick figures are not for RESULTS.md")
+    """Set up the peers, run every benchmark, then the summary and the sweep."""
+    parser = options(__doc__, targets=False)
+    args = parse(parser, argv)
     before = set(psutil.pids())
     notes = []
     if not args.quick:
-        notes.append(ensure_peer_venv())
+        ensure_peers()
+        notes.append("peers venv: " + ", ".join(PEER_PACKAGES))
         notes.append(ensure_redis())
     else:
         notes.append("--quick: no peers")
@@ -265,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     fleet_python = sys.executable if args.quick else peers_python()
     plan = [
         ("Bus.publish", lambda: run_script("bus_publish.py", args)),
-        ("control plane", lambda: run_control(args)),
+        # control.py runs in the root, as it always has: its commands start
+        # there (`python -m busctl` under --quick, the `python -c` of its
+        # notes), which puts the root first on their sys.path.
+        ("control plane", lambda: run_script("control.py", args, cwd=ROOT)),
         ("throughput", lambda: run_script("throughput.py", args)),
         ("start/stop + memory", lambda: run_script("fleet.py", args, fleet_python)),
         ("idle clients", lambda: run_script("scaling.py", args)),

@@ -27,7 +27,6 @@ Run from the repository root (bench/run does)::
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import multiprocessing
 import os
@@ -35,67 +34,47 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _common
 import psutil
-from _common import (
+from _procs import (
     BENCH,
-    BUSD_PYTHON,
     PEERS,
-    ROOT,
-    child_env,
+    ending,
     free_port,
-    machine,
-    now,
-    percentile,
-    stop_tree,
-    target_table,
+    join_or_kill,
+    measured,
+    noop_broker,
+    quiet,
+    redis_available,
+    start_busd,
+    start_echo,
+    stdout_of,
     wait_until,
-    write_section,
-    write_targets,
 )
+from _report import finish, options, parse, table_head, target, target_table
+from _timing import percentile, rotated, sample_us, shares, spy_io_thread
 
-sys.path.insert(0, str(ROOT))
-from busctl.client import Client
+from busctl import Client
 
 SECTION = "## Publish -> ack throughput"
 TARGET_RATE = 50_000
 TARGET_LATENCY_RATIO = 3.0
 MESSAGE = "BUY ABCD 10"
 
-BUSD_CONFIG = """\
-[brokers.bench]
-handler = "bench_brokers:Noop"
-cwd = "{bench}"
-channels = ["main"]
-instances = 2
-queue_size = 1000000
-"""
 
+def broker_running(sock: str) -> Callable[[], bool]:
+    """A check for ``start_busd``: both instances of the bench broker run."""
 
-def start_busd(tmp: Path) -> tuple[subprocess.Popen, str]:
-    """busd with the bench broker, once both its instances are RUNNING."""
+    def check() -> bool:
+        with Client(sock, timeout=2) as client:
+            broker = client.state()["brokers"]["bench"]
+        return all(i["state"] == "RUNNING" for i in broker["instances"])
 
-    def running(sock: str) -> Callable[[], bool]:
-        def check() -> bool:
-            with Client(sock, timeout=2) as client:
-                broker = client.state()["brokers"]["bench"]
-            return all(i["state"] == "RUNNING" for i in broker["instances"])
-
-        return check
-
-    busd = [str(BUSD_PYTHON), "-m", "busd"]
-    config = BUSD_CONFIG.format(bench=BENCH)
-    return _common.start_busd(tmp, busd, child_env(), config, ready=running)
-
-
-def start_echo(tmp: Path) -> tuple[subprocess.Popen, str]:
-    return _common.start_echo(tmp, str(BUSD_PYTHON), child_env())
+    return check
 
 
 def _publisher(sock: str, count: int, window: int, wait: bool, barrier, out) -> None:
@@ -137,10 +116,7 @@ def busd_rate(
         spans = [out.get(timeout=300) for _ in procs]
     finally:
         for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+            join_or_kill(proc)
     done = sum(acked for *_t, acked in spans)
     if done != per * connections:
         raise RuntimeError(f"only {done} of {per * connections} messages settled")
@@ -175,6 +151,7 @@ def cpu_split(busd: subprocess.Popen, run) -> dict[str, float]:
 
 
 def latency(busd_sock: str, echo_sock: str, calls: int, rounds: int) -> dict:
+    """Microseconds of one publish --wait and of one echo ping, in turns."""
     samples: dict[str, list[float]] = {"publish --wait": [], "echo ping": []}
     with Client(busd_sock) as busd, Client(echo_sock) as echo:
         ops = {
@@ -188,87 +165,40 @@ def latency(busd_sock: str, echo_sock: str, calls: int, rounds: int) -> dict:
                 op()
         per = max(1, calls // rounds)
         for round_ in range(rounds):
-            order = list(ops) if round_ % 2 == 0 else list(ops)[::-1]
-            for name in order:
-                op = ops[name]
-                for _ in range(per):
-                    t = time.perf_counter_ns()
-                    op()
-                    samples[name].append((time.perf_counter_ns() - t) / 1000)
+            for name in rotated(list(ops), round_):
+                sample_us(ops[name], per, samples[name])
     return samples
 
 
 def spy_busd(pid: int, sock: str, seconds: int, tmp: Path, messages: int) -> dict:
     """py-spy of busd during a publish --wait flood: where its time goes."""
-    output = tmp / "py-spy-throughput.txt"
-    spy = subprocess.Popen(
-        [
-            *(str(PEERS / "bin" / "py-spy"), "record", "--pid", str(pid)),
-            *("--duration", str(seconds), "--rate", "200", "--format", "raw"),
-            *("--output", str(output), "--nonblocking"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # busd's I/O thread; waiting in select is idle time.
+    return spy_io_thread(
+        pid,
+        tmp / "py-spy-throughput.txt",
+        seconds,
+        200,
+        lambda: busd_rate(sock, messages, 2, 1000, True),
+        lambda frames: any("_run_loop" in f for f in frames),
+        {"EpollSelector.select", "select"},
+        nonblocking=True,
+        settle=0.5,
     )
-    try:
-        time.sleep(0.5)
-        deadline = time.monotonic() + seconds + 10
-        while spy.poll() is None and time.monotonic() < deadline:
-            busd_rate(sock, messages, 2, 1000, True)
-        spy.wait(20)
-    finally:
-        if spy.poll() is None:
-            spy.kill()
-            spy.wait()
-    return summarise_spy(output.read_text())
-
-
-def summarise_spy(raw: str) -> dict:
-    threads: collections.Counter = collections.Counter()
-    leaves: collections.Counter = collections.Counter()
-    own: collections.Counter = collections.Counter()
-    total = idle = 0
-    for line in raw.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        frames = [f for f in stack.split(";") if f]
-        thread = frames[0].split(" (")[0] if frames else "?"
-        threads[thread] += n
-        if not any("_run_loop" in f for f in frames):
-            continue
-        total += n
-        leaf = frames[-1].split(" (")[0]
-        if leaf in ("EpollSelector.select", "select"):
-            idle += n
-            continue
-        leaves[leaf] += n
-        busd_frames = [f for f in frames if "busd/" in f]
-        if busd_frames:
-            own[busd_frames[-1].split(" (")[0]] += n
-    return {"total": total, "idle": idle, "leaves": leaves, "own": own}
 
 
 # -- Redis -------------------------------------------------------------------------
 
 
-def redis_available() -> bool:
-    return bool(shutil.which("redis-server") and shutil.which("redis-benchmark"))
-
-
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
+    """redis-server on 127.0.0.1 and a free port, no persistence."""
     port = free_port()
-    process = subprocess.Popen(
+    process = quiet(
         [
             "redis-server",
             *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
             *("--appendonly", "no", "--daemonize", "no", "--dir", str(tmp)),
             *("--logfile", str(tmp / "redis.log")),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ]
     )
 
     def answers() -> bool:
@@ -288,48 +218,48 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
 
 
 def redis_benchmark(port: int, messages: int) -> float:
-    done = subprocess.run(
+    """redis-benchmark's PUBLISH rate (its C client, pipelined, no subscriber)."""
+    out = stdout_of(
         [
             "redis-benchmark",
             *("-h", "127.0.0.1", "-p", str(port), "-n", str(messages)),
             *("-c", "4", "-P", "64", "--csv", "PUBLISH", "bench", MESSAGE),
         ],
-        capture_output=True,
-        text=True,
-        check=True,
         timeout=120,
     )
-    for line in done.stdout.splitlines():
+    for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
         if cells and cells[0].upper().startswith("PUBLISH"):
             return float(cells[1])
-    raise RuntimeError(f"no PUBLISH line in redis-benchmark's output: {done.stdout}")
+    raise RuntimeError(f"no PUBLISH line in redis-benchmark's output: {out}")
 
 
 def redis_py(port: int, messages: int, calls: int) -> dict[str, Any]:
-    done = subprocess.run(
+    """redis_peer.py's figures: delivered to a subscriber per second, latency."""
+    out = stdout_of(
         [
             str(PEERS / "bin" / "python"),
             str(BENCH / "redis_peer.py"),
             *("--port", str(port), "--messages", str(messages)),
             *("--calls", str(calls), "--window", "1000", "--message", MESSAGE),
         ],
-        capture_output=True,
-        text=True,
-        check=True,
         timeout=300,
     )
-    return json.loads(done.stdout)
+    return json.loads(out)
 
 
 # -- the run ---------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """busd's rates and latency, then (unless --quick) Redis's."""
     res: dict[str, Any] = {"busd wait": [], "busd accepted": [], "notes": {}}
-    processes: list[subprocess.Popen] = []
-    try:
-        busd, sock = start_busd(tmp)
+    with ending() as processes:
+        busd, sock = start_busd(
+            tmp,
+            noop_broker(channels='["main"]', instances=2, queue_size=1000000),
+            ready=broker_running,
+        )
         processes.append(busd)
         echo, echo_sock = start_echo(tmp)
         processes.append(echo)
@@ -351,12 +281,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         rate = statistics.median(res["busd wait"])
         if rate < TARGET_RATE and args.profile and (PEERS / "bin" / "py-spy").exists():
             res["spy"] = spy_busd(busd.pid, sock, 4, tmp, args.messages)
-    finally:
-        for process in reversed(processes):
-            stop_tree(process)
-        processes.clear()
     if args.peers and redis_available():
-        try:
+        with ending() as processes:
             redis, port = start_redis(tmp)
             processes.append(redis)
             res["redis-benchmark"] = [
@@ -366,15 +292,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 redis_py(port, args.messages, args.calls if i == 0 else 0)
                 for i in range(args.repeats)
             ]
-        finally:
-            for process in processes:
-                stop_tree(process)
     elif args.peers:
         res["notes"]["redis"] = "redis-server/redis-benchmark not installed: skipped"
     return res
 
 
 def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """The tables and the target rows (with what limits a missed one)."""
     wait = statistics.median(res["busd wait"])
     lat = res["latency"]
     p50 = statistics.median(lat["publish --wait"])
@@ -391,12 +315,8 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dic
     spy = res.get("spy")
     if spy and spy["total"]:
         busy = spy["total"] - spy["idle"]
-        leaves = ", ".join(
-            f"`{name}` {n / busy:.0%}" for name, n in spy["leaves"].most_common(8)
-        )
-        own = ", ".join(
-            f"`{name}` {n / busy:.0%}" for name, n in spy["own"].most_common(6)
-        )
+        leaves = shares(spy["leaves"], busy, 8)
+        own = shares(spy["own"], busy, 6)
         limit_rate += (
             f"; py-spy on busd's I/O thread: busy in {busy / spy['total']:.0%} of "
             f"{spy['total']} samples; innermost frames: {leaves}; innermost busd "
@@ -413,28 +333,27 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dic
         "process wake-ups and two extra frames over the echo round trip"
     )
     rows = [
-        {
-            "figure": "publish -> ack, msg/s (publish_many wait=True)",
-            "measured": f"{wait:,.0f}",
-            "goal": f"≥ {TARGET_RATE:,}",
-            "met": wait >= TARGET_RATE,
-            "limits": limit_rate,
-        },
-        {
-            "figure": "publish --wait p50 / echo round trip p50",
-            "measured": f"{p50 / echo50:.2f}x ({p50:.0f} / {echo50:.0f} µs)",
-            "goal": f"≤ {TARGET_LATENCY_RATIO:g}x",
-            "met": p50 / echo50 <= TARGET_LATENCY_RATIO,
-            "limits": limit_lat,
-        },
+        target(
+            "publish -> ack, msg/s (publish_many wait=True)",
+            f"{wait:,.0f}",
+            f"≥ {TARGET_RATE:,}",
+            wait >= TARGET_RATE,
+            limit_rate,
+        ),
+        target(
+            "publish --wait p50 / echo round trip p50",
+            f"{p50 / echo50:.2f}x ({p50:.0f} / {echo50:.0f} µs)",
+            f"≤ {TARGET_LATENCY_RATIO:g}x",
+            p50 / echo50 <= TARGET_LATENCY_RATIO,
+            limit_lat,
+        ),
     ]
     lines = [
         target_table(rows),
         "",
         "### Rates (median of the repetitions)",
         "",
-        "| what | median msg/s | min-max | runs | / busd publish -> ack |",
-        "|---|---:|---:|---:|---:|",
+        *table_head("what", "median msg/s", "min-max", "runs", "/ busd publish -> ack"),
     ]
 
     def rate_row(name: str, values: list[float]) -> None:
@@ -463,8 +382,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dic
         "",
         "### One message at a time (p50, interleaved chunks)",
         "",
-        "| what | p50 µs | p99 µs | calls | / echo round trip |",
-        "|---|---:|---:|---:|---:|",
+        *table_head("what", "p50 µs", "p99 µs", "calls", "/ echo round trip"),
     ]
     for name, label in (
         ("publish --wait", "busd `publish --wait` (busctl.Client)"),
@@ -488,39 +406,27 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> tuple[str, list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test, no peers")
-    parser.add_argument("--write", action="store_true", help=f"update {SECTION!r}")
+    """Take the figures, print them; with ``--write`` update RESULTS.md."""
+    parser = options(__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--messages", type=int, default=40_000)
     parser.add_argument("--connections", type=int, default=2)
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
-    parser.add_argument("--targets-json", help="write the target rows here")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv, at_least={"repeats": 5})
     if args.quick:
         args.repeats, args.messages, args.calls, args.profile = 1, 2000, 100, False
-    elif args.repeats < 5:
-        parser.error("--repeats must be at least 5")
     args.peers = not args.quick
-    host = machine()
-    with tempfile.TemporaryDirectory(prefix="busd-bench-") as tmp:
-        res = run(args, Path(tmp))
+    host, res = measured(lambda tmp: run(args, tmp))
     text, rows = report(res, args)
-    print(f"Machine: {host}\n\n{text}")
-    write_targets(args.targets_json, rows)
-    if args.write:
-        write_section(
-            SECTION,
-            f"{SECTION}\n\nMachine: {host}.  \nDate: {now()}.  \n"
-            "Command: `bench/run` → `bench/throughput.py --write` "
-            f"({args.repeats} repetitions of {args.messages:,} messages, median; "
-            "broker `bench_brokers:Noop`, 2 instances; redis-server "
-            "from Debian, redis-py from bench/.venv-peers).\n\n"
-            f"{text}\n",
-        )
-    return 0
+    command = (
+        "`bench/run` → `bench/throughput.py --write` "
+        f"({args.repeats} repetitions of {args.messages:,} messages, median; "
+        "broker `bench_brokers:Noop`, 2 instances; redis-server "
+        "from Debian, redis-py from bench/.venv-peers)."
+    )
+    return finish(args, host, text, rows, [(SECTION, command, text)])
 
 
 if __name__ == "__main__":
