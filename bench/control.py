@@ -410,7 +410,7 @@ def spy_profile(pid: int, sock: str, seconds: int, tmp: Path) -> dict:
             seconds,
             250,
             client.ping,
-            lambda frames: "ControlServer._run_loop" in map(frame_name, frames),
+            lambda frames: "IOLoop._run" in map(frame_name, frames),
             {"EpollSelector.select"},
         )
 

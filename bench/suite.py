@@ -119,14 +119,27 @@ def peers_python() -> str:
 # -- leftovers -------------------------------------------------------------------
 
 
+#: Set in this run's environment; every process the run starts inherits it,
+#: so the sweep ends this run's leftovers and never another run's (tests or
+#: benchmarks of other checkouts on the same machine carry the same marks).
+RUN_VARIABLE = "BUSD_BENCH_RUN"
+
+
 def leftovers(before: set[int]) -> list[psutil.Process]:
-    """Processes started since ``before`` that carry a benchmark's marks."""
+    """Processes of this run, started since ``before``, with a benchmark's marks."""
+    token = os.environ.get(RUN_VARIABLE)
     found = []
     for proc in psutil.process_iter(["cmdline", "cwd", "name"]):
         if proc.pid in before or proc.pid == os.getpid():
             continue
         text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["cwd"] or "")
-        if any(mark in text for mark in MARKS):
+        if not any(mark in text for mark in MARKS):
+            continue
+        try:
+            ours = proc.environ().get(RUN_VARIABLE) == token
+        except psutil.Error:
+            ours = False  # gone, or not ours to read
+        if ours:
             found.append(proc)
     return found
 
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = options(__doc__, targets=False)
     args = parse(parser, argv)
     before = set(psutil.pids())
+    os.environ[RUN_VARIABLE] = f"{os.getpid()}-{time.time_ns()}"
     notes = []
     if not args.quick:
         ensure_peers()

@@ -179,7 +179,7 @@ def spy_busd(pid: int, sock: str, seconds: int, tmp: Path, messages: int) -> dic
         seconds,
         200,
         lambda: busd_rate(sock, messages, 2, 1000, True),
-        lambda frames: any("_run_loop" in f for f in frames),
+        lambda frames: any("IOLoop._run" in f for f in frames),
         {"EpollSelector.select", "select"},
         nonblocking=True,
         settle=0.5,
