@@ -21,15 +21,22 @@ import argparse
 import statistics
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from _procs import TMP_PREFIX, child_env, ending, noop_broker, start_busd
 from _report import machine
-from throughput import broker_running, busd_rate
+from _timing import sample_us
+from throughput import MESSAGE, broker_running, busd_rate
+
+from busctl import Client
 
 
-def rate_of(tree: Path, messages: int, connections: int, window: int) -> float:
-    """publish -> ack msg/s of busd run from ``tree`` (one fresh daemon)."""
+def measure(
+    tree: Path, messages: int, connections: int, window: int, calls: int
+) -> tuple[float, float]:
+    """publish -> ack msg/s, and one publish --wait's p50 in µs, of busd run
+    from ``tree`` (one fresh daemon)."""
     env = child_env()
     env["PYTHONPATH"] = str(tree)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as scratch, ending() as procs:
@@ -41,7 +48,16 @@ def rate_of(tree: Path, messages: int, connections: int, window: int) -> float:
         )
         procs.append(busd)
         busd_rate(sock, 2000, 1, 256, True)  # warm up, as throughput.py does
-        return busd_rate(sock, messages, connections, window, True)
+        rate = busd_rate(sock, messages, connections, window, True)
+        samples: list[float] = []
+        with Client(sock) as client:
+            publish = partial(
+                client.call, "publish", channel="main", message=MESSAGE, wait=True
+            )
+            for _ in range(50):
+                publish()
+            sample_us(publish, calls, samples)
+        return rate, statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,31 +69,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=40_000)
     parser.add_argument("--connections", type=int, default=2)
     parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=2000, help="publish --wait calls")
     args = parser.parse_args(argv)
     for tree in (args.a, args.b):
         if not (tree / "busd" / "__init__.py").exists():
             parser.error(f"{tree} is not a busd checkout (no busd/__init__.py)")
     print(machine())
     rates: dict[str, list[float]] = {"A": [], "B": []}
+    waits: dict[str, list[float]] = {"A": [], "B": []}
     for round_number in range(args.rounds):
         order = ("A", "B") if round_number % 2 == 0 else ("B", "A")
         for label in order:
             tree = args.a if label == "A" else args.b
-            rates[label].append(
-                rate_of(tree, args.messages, args.connections, args.window)
+            rate, wait_us = measure(
+                tree, args.messages, args.connections, args.window, args.calls
             )
+            rates[label].append(rate)
+            waits[label].append(wait_us)
         print(
             f"round {round_number + 1} ({' '.join(order)}): "
-            f"A {rates['A'][-1]:,.0f} msg/s, B {rates['B'][-1]:,.0f} msg/s",
+            f"A {rates['A'][-1]:,.0f} msg/s {waits['A'][-1]:.0f} µs, "
+            f"B {rates['B'][-1]:,.0f} msg/s {waits['B'][-1]:.0f} µs",
             flush=True,
         )
-    ratios = [b / a for a, b in zip(rates["A"], rates["B"], strict=True)]
-    print(f"A {args.a}: median {statistics.median(rates['A']):,.0f} msg/s")
-    print(f"B {args.b}: median {statistics.median(rates['B']):,.0f} msg/s")
-    print(
-        f"B/A per round: median {statistics.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
+    for label, tree in (("A", args.a), ("B", args.b)):
+        print(
+            f"{label} {tree}: median {statistics.median(rates[label]):,.0f} msg/s, "
+            f"publish --wait p50 {statistics.median(waits[label]):.0f} µs"
+        )
+    for figure, values in (("msg/s", rates), ("publish --wait p50", waits)):
+        ratios = [b / a for a, b in zip(values["A"], values["B"], strict=True)]
+        print(
+            f"B/A {figure} per round: median {statistics.median(ratios):.3f} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
     return 0
 
 

@@ -25,7 +25,6 @@ a request that the next ``main`` tick carries out.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -215,8 +214,7 @@ class Daemon:
                 )
         setup_logging(new.busd.log_level, ring=self.ring)
         self.control.apply(
-            dataclasses.replace(
-                self.control.settings,
+            self.control.settings._replace(
                 max_frame=new.busd.max_frame,
                 max_clients=new.busd.max_clients,
                 frame_timeout=new.busd.frame_timeout,

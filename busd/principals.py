@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import grp
 import pwd
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):
     """Who a process runs as: uid, primary gid, every group (initgroups)."""
 
     uid: int

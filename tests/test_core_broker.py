@@ -418,4 +418,4 @@ def test_a_message_that_hangs_workers_more_than_max_retries_times_is_dead() -> N
         assert broker.dead == 1 and queued(broker) == []
         assert h.launcher.current("b", 0).deliveries() == []  # not a third time
 
-    run(scenario, timing=dataclasses.replace(FAST, max_fast_failures=10))
+    run(scenario, timing=FAST._replace(max_fast_failures=10))

@@ -8,7 +8,6 @@ loop of one ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import signal
 import time
@@ -128,7 +127,7 @@ def test_crash_backoff_restart_stop_fatal_start_in_the_diagrams_order() -> None:
         for old, new in itertools.pairwise(states):
             assert new in ALLOWED[old], (old, new)
 
-    run(scenario, timing=dataclasses.replace(FAST, max_fast_failures=3))
+    run(scenario, timing=FAST._replace(max_fast_failures=3))
 
 
 def test_state_changed_sees_the_new_state_already() -> None:
@@ -139,7 +138,7 @@ def test_state_changed_sees_the_new_state_already() -> None:
         def state_changed(view: object, old: S, reason: str) -> None:
             looked.append((old, instance.state))
 
-        services = dataclasses.replace(h.services, state_changed=state_changed)
+        services = h.services._replace(state_changed=state_changed)
         instance.services = services
         await instance.start()
         h.process(instance).ready()
@@ -191,7 +190,7 @@ def test_fast_failures_back_off_doubling_then_give_fatal() -> None:
         await after_timers(0.02)
         assert len(h.launcher.calls) == 4
 
-    run(scenario, timing=dataclasses.replace(FAST, max_fast_failures=4))
+    run(scenario, timing=FAST._replace(max_fast_failures=4))
 
 
 def test_the_backoff_delay_stops_doubling_at_its_cap() -> None:
@@ -209,7 +208,7 @@ def test_the_backoff_delay_stops_doubling_at_its_cap() -> None:
             "restarting in 0.003 s",
         ]
 
-    run(scenario, timing=dataclasses.replace(FAST, backoff_cap=0.003))
+    run(scenario, timing=FAST._replace(backoff_cap=0.003))
 
 
 def test_a_slow_failure_counts_as_the_first_of_a_new_series() -> None:
@@ -236,7 +235,7 @@ def test_a_slow_failure_counts_as_the_first_of_a_new_series() -> None:
         assert instance.fast_failures == 1
         assert h.reasons("b:0", S.BACKOFF)[-1] == "restarting in 0.001 s"
 
-    run(scenario, timing=dataclasses.replace(FAST, fast_failure_seconds=0.005))
+    run(scenario, timing=FAST._replace(fast_failure_seconds=0.005))
 
 
 @pytest.mark.parametrize(
@@ -257,9 +256,7 @@ def test_the_restart_policy_after_an_unexpected_exit(
 ) -> None:
     async def scenario(h: Harness) -> None:
         # A long backoff: the state after the exit is the one looked at.
-        h.services = dataclasses.replace(
-            h.services, timing=dataclasses.replace(FAST, backoff_first=10.0)
-        )
+        h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
         instance, _ = await running(h, restart=restart)
         h.process(instance).exit(status)
         await wait_until(lambda: instance.state is not S.RUNNING, "the exit")
@@ -301,7 +298,7 @@ def test_a_launch_that_raises_is_a_fast_failure(error: Exception) -> None:
         h.process(instance).ready()
         assert instance.state is S.RUNNING
 
-    run(scenario, timing=dataclasses.replace(FAST, max_fast_failures=2))
+    run(scenario, timing=FAST._replace(max_fast_failures=2))
 
 
 def test_a_launch_that_raises_with_restart_never_stops() -> None:

@@ -29,8 +29,8 @@ from helpers import broker, messages_of, records, rows, wait_for, wait_records
 from busctl.client import BusError
 from busd.supervision.services import RestartTiming
 
-FAST_FAILURE_SECONDS = RestartTiming.fast_failure_seconds
-MAX_FAST_FAILURES = RestartTiming.max_fast_failures
+FAST_FAILURE_SECONDS = RestartTiming().fast_failure_seconds
+MAX_FAST_FAILURES = RestartTiming().max_fast_failures
 
 # -- fan-out to brokers, round-robin across instances ----------------------------------
 

@@ -26,7 +26,7 @@ from helpers import (
 
 from busd.supervision.services import RestartTiming
 
-MAX_FAST_FAILURES = RestartTiming.max_fast_failures
+MAX_FAST_FAILURES = RestartTiming().max_fast_failures
 
 # -- restart = never, on-failure, always -----------------------------------------------
 

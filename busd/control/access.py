@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from busd.config import Config
 from busd.principals import gid_of, name_of_uid, uid_of
@@ -22,8 +22,7 @@ READ = "read"
 WRITE = "write"
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(NamedTuple):
     """Who is on the other end of a connection, from the kernel (SO_PEERCRED)."""
 
     pid: int
@@ -35,8 +34,7 @@ class Peer:
         return f"pid {self.pid} uid {self.uid}"
 
 
-@dataclass(frozen=True)
-class AccessPolicy:
+class AccessPolicy(NamedTuple):
     """Who may run read ops and write ops (write implies read).
 
     Root and busd's own user are always allowed.

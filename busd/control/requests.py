@@ -8,8 +8,7 @@ its result, or when it must wait a coroutine (answered by a task) or a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from busd.control.access import Peer
 
@@ -36,8 +35,7 @@ class Connection(Protocol):
         """End every stream and task, and close the socket."""
 
 
-@dataclass(frozen=True)
-class Op:
+class Op(NamedTuple):
     """One control operation: its coroutine, the access it needs, and
     whether it answers with a stream of events after its result."""
 

@@ -7,8 +7,6 @@ server itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from busd.control.access import AccessPolicy
 from busd.control.requests import Connection, Op
 from busd.control.settings import ServerSettings
@@ -16,15 +14,27 @@ from busd.outbox import Outbox
 from busd.protocol import FrameEncoder
 
 
-@dataclass
 class ServerState:
-    """The server's settings, policy and op table; its open connections."""
+    """The server's settings, policy and op table; its open connections.
 
-    settings: ServerSettings
-    policy: AccessPolicy
-    ops: dict[str, Op]
-    #: Gathers the writes of each loop turn (clients and workers).
-    outbox: Outbox
-    #: Encodes every frame sent to clients (on the I/O loop only).
-    encode: FrameEncoder = field(default_factory=FrameEncoder)
-    connections: set[Connection] = field(default_factory=set)
+    A plain class, not a dataclass: busd's start is on the clock, and a
+    dataclass costs about a millisecond to define.
+    """
+
+    __slots__ = ("connections", "encode", "ops", "outbox", "policy", "settings")
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        policy: AccessPolicy,
+        ops: dict[str, Op],
+        outbox: Outbox,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.ops = ops
+        #: Gathers the writes of each loop turn (clients and workers).
+        self.outbox = outbox
+        #: Encodes every frame sent to clients (on the I/O loop only).
+        self.encode = FrameEncoder()
+        self.connections: set[Connection] = set()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from busd.events import EventHub
 from busd.ioloop import IOLoop
@@ -13,8 +13,7 @@ from busd.router import Router
 from busd.supervision.supervisor import Supervisor
 
 
-@dataclass(frozen=True)
-class OpServices:
+class OpServices(NamedTuple):
     """Everything an op may use; built once by the daemon."""
 
     router: Router

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from busd.config import BrokerConfig
 from busd.supervision.delivery import Delivery, Outcome
@@ -97,8 +96,7 @@ Launch = Callable[[BrokerConfig, int], Awaitable[ProcessHandle]]
 Settle = Callable[[str, Delivery, Outcome, str], None]
 
 
-@dataclass(frozen=True)
-class RestartTiming:
+class RestartTiming(NamedTuple):
     """How fast-failing workers are restarted, then given up on."""
 
     #: A worker that dies sooner than this after "ready" failed *fast*.
@@ -110,8 +108,7 @@ class RestartTiming:
     backoff_cap: float = 30.0
 
 
-@dataclass(frozen=True)
-class PoolServices:
+class PoolServices(NamedTuple):
     """Everything a Broker and its Instances need from the rest of busd."""
 
     #: Starts a worker process (raises OSError or ValueError if it cannot).
@@ -132,4 +129,4 @@ class PoolServices:
     log_line: Callable[[InstanceView, int, str], None]
     #: Waits until each instance is RUNNING, FATAL or STOPPED (or a timeout).
     wait_settled: Callable[[list[InstanceView]], Awaitable[None]]
-    timing: RestartTiming = field(default_factory=RestartTiming)
+    timing: RestartTiming = RestartTiming()

@@ -22,8 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from busd.config import BrokerConfig, Config
 from busd.ioloop import IOLoop
@@ -58,8 +57,7 @@ ACK_CHECK_SECONDS = 0.5
 LOCAL_ROUTES = "local"
 
 
-@dataclass(frozen=True)
-class SupervisorLinks:
+class SupervisorLinks(NamedTuple):
     """What the supervisor is given, and hands on to its brokers."""
 
     ioloop: IOLoop
@@ -72,7 +70,7 @@ class SupervisorLinks:
     set_routes: Callable[[str, Iterable[Broker]], None]
     #: An event for ``busctl events`` followers.
     emit: Callable[[dict[str, Any]], None]
-    timing: RestartTiming = field(default_factory=RestartTiming)
+    timing: RestartTiming = RestartTiming()
 
 
 class Supervisor(SimplePlugin):
