@@ -1,7 +1,7 @@
 """Fuzzing busd's control socket: bad frames and bad arguments, never a crash.
 
-Counts are bounded for CI; ``BUSD_LONG=1`` runs the full ones (100,000
-mutated frames, more Hypothesis examples). Results go in
+Counts are bounded for CI; ``BUSD_LONG=1`` (scripts/reliability) runs the full
+ones (100,000 mutated frames, more Hypothesis examples). Results go in
 docs/reliability.md.
 
 The fuzzed busd runs two real brokers, so that broker ops and publishes
