@@ -365,7 +365,9 @@ def test_mutated_frames_never_crash_busd_nor_grow_it(fuzzed):
     start_rss = rss(fuzzed.pid)
     sent = 0
     closed = 0
+    connections = 0
     while sent < MUTATED_FRAMES:
+        connections += 1
         sock = socket.socket(socket.AF_UNIX)
         sock.settimeout(10)
         sock.connect(fuzzed.socket)
@@ -387,4 +389,7 @@ def test_mutated_frames_never_crash_busd_nor_grow_it(fuzzed):
     grown = rss(fuzzed.pid) - start_rss
     assert grown < RSS_GROWTH_BOUND, f"RSS grew by {grown} bytes over {sent} frames"
     assert "Traceback" not in fuzzed.log_text()
-    print(f"{sent} mutated frames, {closed} connections cut, RSS +{grown >> 10} KiB")
+    print(
+        f"\n{sent} mutated frames over {connections} connections, "
+        f"{closed} cut by busd, RSS +{grown >> 10} KiB"
+    )
