@@ -33,6 +33,7 @@ def frame_of(body: bytes) -> bytes:
 
 def assert_still_serving(daemon, *others):
     """busd answers a new client, and each already-open one still works."""
+    # timeout: a sanity deadline (a ping takes a millisecond or so).
     with Client(daemon.socket, timeout=5) as fresh:
         assert fresh.ping() == "pong"
     for other in others:
@@ -197,8 +198,13 @@ def test_invalid_utf8_is_a_bad_request(busd_daemon):
         assert_still_serving(busd_daemon)
 
 
+# Long enough that a ping on a loaded 2-core machine (up to about a second)
+# still fits in the stall many times over.
+STALL_TIMEOUT = 2.0
+
+
 def test_a_stalled_half_frame_is_cut_off_and_others_are_served(start_busd):
-    daemon = start_busd(config_text="[busd]\nframe_timeout = 0.5\n")
+    daemon = start_busd(config_text=f"[busd]\nframe_timeout = {STALL_TIMEOUT}\n")
     frame = frame_of(msgpack.packb({"id": 1, "op": "ping", "pad": "x" * 100}))
     with RawConnection(daemon.socket) as other:
         assert other.request(PING) == PONG
@@ -209,25 +215,34 @@ def test_a_stalled_half_frame_is_cut_off_and_others_are_served(start_busd):
         header_only.send_bytes(frame[:4])
         half_body.send_bytes(frame[: len(frame) // 2])
         cut_off = {}
-        pings = []
-        deadline = started + 10
+        pings = 0
+        served_while_stalled = 0
+        # A sanity deadline: busd cuts them at STALL_TIMEOUT.
+        deadline = started + 10 * STALL_TIMEOUT
         while len(cut_off) < len(stallers) and time.monotonic() < deadline:
             waiting = [s for s in stallers if s not in cut_off]
             readable, _, _ = select.select(waiting, [], [], 0.05)
             for sock in readable:
                 cut_off[sock] = (time.monotonic() - started, stallers[sock].receive())
-            before = time.monotonic()
             assert other.request(PING) == PONG
-            pings.append(time.monotonic() - before)
+            pings += 1
+            # busd answers a staller (cutting it) before it closes it, so a
+            # ping answered while neither has an answer was served during
+            # the stall, not after busd was done waiting on a staller.
+            if not cut_off and not select.select(waiting, [], [], 0)[0]:
+                served_while_stalled += 1
         assert len(cut_off) == 2, "a staller was never cut off"
         for elapsed, reply in cut_off.values():
-            assert_refused(reply, "bad_request", "incomplete frame", "0.5 s")
-            assert 0.45 <= elapsed < 5, elapsed
+            assert_refused(
+                reply, "bad_request", "incomplete frame", f"{STALL_TIMEOUT:g} s"
+            )
+            # Never before frame_timeout (less clock slop).
+            assert elapsed >= 0.9 * STALL_TIMEOUT, elapsed
         for staller in stallers.values():
             assert staller.wait_closed() == []
             staller.close()
-        assert len(pings) >= 3
-        assert max(pings) < 0.4, pings
+        assert pings >= 3
+        assert served_while_stalled >= 1, pings
         assert_still_serving(daemon, other)
     assert daemon.log_text().count("incomplete frame") == 2
 

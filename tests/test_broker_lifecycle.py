@@ -277,6 +277,8 @@ def test_worker_ignoring_stop_and_sigterm_is_killed(start_busd, tmp_path):
     assert "still running after the stop request; sending SIGTERM" in log
     assert "still running after the stop request; sending SIGKILL" in log
     assert "stopped (killed by SIGKILL)" in log
+    # Not before stop_timeout (SIGKILL comes at its end), and a sanity bound
+    # above (about 1.1 s normally): 10 s only fails if the escalation stalls.
     assert 0.9 <= took < 10, took
     assert not [
         p
@@ -399,7 +401,8 @@ def test_workers_die_with_a_killed_busd_which_then_starts_again(start_busd, tmp_
         pids.append(client.state()["fork_server"])
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.process.wait(10)
-    wait_for(lambda: all(gone(pid) for pid in pids), 2.0, f"{pids} to die")
+    # Tens of ms normally; 10 s (a sanity bound) only fails if they outlive busd.
+    wait_for(lambda: all(gone(pid) for pid in pids), 10.0, f"{pids} to die")
 
     again = launch_again(daemon)
     try:

@@ -737,6 +737,7 @@ def test_busd_wait_wakes_on_the_state_change_not_the_next_tick():
         bus.wait(bus.states.STARTED, interval=60)  # CherryPy would sleep 60 s
     finally:
         starter.join(DEADLINE)
+    # A sanity bound (it takes milliseconds): well before the 60 s tick.
     assert time.monotonic() - began < DEADLINE
     bus.exit()
 

@@ -82,7 +82,10 @@ def test_worker_flooding_stderr_does_not_block_busd(start_busd, tmp_path):
         result = client.call("publish", channel="main", message={"flood": 0}, wait=True)
         assert result["acked"] == 1
         lines = log_lines(client, "flood")
-    assert slowest < 1.0, f"a ping took {slowest:.2f} s during the flood"
+    # A sanity bound, not a figure: a ping takes ~4 ms at most during the
+    # flood, but up to about a second on a loaded 2-core machine; 5 s only
+    # fails if busd stops answering while it reads the flood.
+    assert slowest < 5.0, f"a ping took {slowest:.2f} s during the flood"
     assert "flood done" in [e["message"] for e in lines]
     truncated = [
         e["message"] for e in lines if e["message"].endswith("[line truncated]")

@@ -21,11 +21,18 @@ pytestmark = pytest.mark.reliability
 
 LONG = os.environ.get("BUSD_LONG") == "1"
 FLOOD_MEGABYTES = 64 if LONG else 8
-# A ping may wait behind the flood being read and the worker restarted, on
-# a loaded 2-core machine; it normally takes about a millisecond.
-PING_BOUND = 1.0
-# How long a worker may outlive a SIGKILLed busd.
-ORPHAN_BOUND = 1.0
+# Sanity bounds, not figures (the figures are printed, and recorded in
+# docs/reliability.md). A ping normally takes about a millisecond, 5 ms at
+# most during the floods; one took 833 ms on a loaded 2-core machine in
+# test_load. 5 s only fails if busd stops answering while it reads a flood.
+PING_BOUND = 5.0
+# How long a worker may outlive a SIGKILLed busd: 6-36 ms measured. 10 s
+# only fails if the workers do not die with busd at all (no PDEATHSIG chain
+# from busd to its fork server to them).
+ORPHAN_BOUND = 10.0
+# How long busd may take to notice that the worker it killed is gone
+# (normally milliseconds): a sanity deadline, like wait_for's others.
+EXIT_DEADLINE = 20.0
 
 # A command broker that says "ready" then writes megabytes of garbage to its
 # protocol pipe (fd 1). "garb" read as a length prefix is 1.7 GB, far over
@@ -78,7 +85,11 @@ def test_a_worker_flooding_its_protocol_pipe_is_killed_and_busd_keeps_serving(
             row = rows(watcher, "flood")[0]
             return row["state"] != "RUNNING" or row["pid"] != killed
 
-        wait_for(moved_on, 5, f"flood:0 to leave RUNNING after PID {killed} died")
+        wait_for(
+            moved_on,
+            EXIT_DEADLINE,
+            f"flood:0 to leave RUNNING after PID {killed} died",
+        )
         # Each start floods again; five fast failures in a row end in FATAL.
 
         def fatal() -> bool:
@@ -98,7 +109,7 @@ def test_a_worker_flooding_its_protocol_pipe_is_killed_and_busd_keeps_serving(
     assert daemon.stop() == 0
 
 
-def test_workers_are_gone_within_a_second_of_busd_being_killed(start_busd):
+def test_workers_die_soon_after_busd_is_killed(start_busd):
     daemon = start_busd(broker("rec", "brokers_for_tests:Recorder", instances=2))
     with daemon.client() as client:
         pids = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
