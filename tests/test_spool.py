@@ -12,6 +12,7 @@ import pytest
 from helpers import wait_for
 
 from busctl.client import BusError
+from busd.protocol import encode_frame
 from busd.spool import SPOOL_FILE, Spool, SpoolError
 
 TESTS = Path(__file__).resolve().parent
@@ -127,6 +128,66 @@ def test_settled_messages_are_not_delivered_again(start_busd, tmp_path):
         assert client.state()["brokers"]["orders"]["accepted"] == 0
     assert len(record.read_text().splitlines()) == 20
     assert second.stop() == 0
+
+
+AFTER = encode_frame({"a": 4, "c": "main", "m": "after", "b": ["orders"]})
+
+CORRUPTIONS = {
+    # Bytes no busd wrote, between records: a header of 3.7 GB.
+    "garbage in the middle": (b"\xde\xad\xbe\xef" * 8 + AFTER, []),
+    # busd died while writing the last record: nothing follows it.
+    "a torn last record": (struct.pack(">I", 200) + b"\x84\xa1a\x05\xa1c", []),
+    # A well-framed record that is not one of ours (an accepted message
+    # without its channel), then a good one: it is read too.
+    "a record of the wrong shape": (
+        encode_frame({"a": 99, "m": "no channel"}) + AFTER,
+        ["after"],
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_damaged_spool_is_read_up_to_the_damage(start_busd, tmp_path, corruption):
+    """busd starts on a damaged spool, says so in its log, and delivers every
+    message the spool held before the damage (settled ones excepted).
+
+    Where the file was damaged rather than torn, it is kept as it was
+    beside the spool before busd's start-up compaction rewrites it.
+    """
+    damage, readable_after = CORRUPTIONS[corruption]
+    directory = tmp_path / "spool"
+    spool = Spool(str(directory))
+    for number in (1, 2, 3):
+        spool.accept(number, "main", f"before {number}", ["orders"])
+    spool.settle(2, "orders")
+    spool.close()
+    at = (directory / SPOOL_FILE).stat().st_size  # where the damage starts
+    with open(directory / SPOOL_FILE, "ab") as file:
+        file.write(damage)
+    original = (directory / SPOOL_FILE).read_bytes()
+
+    record = tmp_path / "record.jsonl"
+    daemon = start_busd(broker_config(tmp_path, "Recorder", record))
+    with daemon.client() as client:
+        # What the spool restored is queued before this, for the one instance.
+        client.call("publish", channel="main", message="marker", wait=True)
+    got = [json.loads(line) for line in record.read_text().splitlines()]
+    assert got == ["before 1", "before 3", *readable_after, "marker"]
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert "Traceback" not in log
+    copies = list(directory.glob(f"{SPOOL_FILE}.damaged-*"))
+    if corruption == "a torn last record":
+        assert f"ends with a torn record ({len(damage)} bytes" in log
+        assert copies == []
+    else:
+        says = {
+            "garbage in the middle": f"is unreadable from byte {at} on",
+            "a record of the wrong shape": "unreadable record skipped: not a spool",
+        }[corruption]
+        assert says in log
+        assert f"was damaged; the file as it was is kept as {copies[0]}" in log
+        assert [copy.read_bytes() for copy in copies] == [original]
 
 
 @pytest.fixture
