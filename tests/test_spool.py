@@ -3,13 +3,14 @@
 import errno
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import broker, gone, records, rows, wait_for
 
 from busctl.client import BusError
 from busd.protocol import encode_frame
@@ -141,6 +142,94 @@ def test_settled_messages_are_not_delivered_again(start_busd, tmp_path):
     assert got == [f"m{i}" for i in range(20)] + ["marker"]
     assert second.stop() == 0
     assert "to deliver again" not in second.log_text()
+
+
+def test_kill_9_with_messages_in_flight_replays_exactly_the_unsettled_ones(
+    start_busd, tmp_path
+):
+    """busd SIGKILLed while a working broker has messages in flight.
+
+    Promises: every accepted message is handled; each message the spool
+    replays after the restart is flagged ``redelivered`` (among them those
+    a worker had in hand at the kill); a message that went dead before the
+    kill was settled in the spool and is not replayed.
+
+    The broker records a message when it takes it in hand, then works 0.1 s
+    on it (two instances, four in flight each); some messages always fail
+    and go dead after two attempts. A record file per busd tells what each
+    one's workers got.
+    """
+    spool = tmp_path / "spool"
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+
+    def config(record: Path) -> str:
+        return f'[busd]\nspool = "{spool}"\n\n' + broker(
+            "work",
+            "brokers_for_tests:SlowFailTimes",
+            record,
+            env={"SLEEP": "0.1"},
+            instances=2,
+            max_inflight=4,
+            max_retries=1,
+        )
+
+    total = 60
+    poison = {1, 4, 40, 55}  # these always fail: dead after 2 attempts
+    messages = [{"n": n, "fail": 99} if n in poison else {"n": n} for n in range(total)]
+    first = start_busd(config(before))
+    with first.client() as listener, first.client() as client:
+        dead = listener.subscribe("dead")
+        results = client.publish_many("main", messages)
+        assert [r["brokers"] for r in results] == [1] * total
+        # Two letters: messages 1 and 4 are dead, settled in the spool.
+        buried = {dead.next_event(20)["message"]["message"]["n"] for _ in range(2)}
+        assert buried == {1, 4}
+        workers = [row["pid"] for row in rows(client, "work")]
+        fork_server = first.fork_server_pid()
+        assert len(numbers(records(before))) < total, "too late: all were handled"
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait(10)
+    # Its fork server and workers die with it (parent-death signals); the
+    # next busd, on another socket, would not take them for its orphans.
+    leftovers = [fork_server, *workers]
+    try:
+        wait_for(
+            lambda: all(gone(pid) for pid in leftovers),
+            timeout=10,
+            what="the killed busd's fork server and workers to end",
+        )
+    finally:
+        for pid in leftovers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    in_hand = numbers(records(before))
+
+    second = start_busd(config(after))
+    replayed = int(
+        re.search(r"(\d+) messages to deliver again", second.log_text()).group(1)
+    )
+    with second.client() as client:
+
+        def settled() -> dict | None:
+            state = client.state()["brokers"]["work"]
+            done = state["acked"] + state["dead"] == replayed and not state["queued"]
+            return state if done else None
+
+        state = wait_for(settled, 30, "every replayed message acked or dead")
+    again = records(after)
+    assert len(numbers(again)) == replayed
+    assert all(r["redelivered"] is True for r in again), again
+    assert numbers(again) & in_hand, "no message was in hand at the kill"
+    assert not numbers(again) & buried, "a dead message was replayed"
+    assert in_hand | numbers(again) == set(range(total))
+    assert state["dead"] == len(numbers(again) & poison)
+    assert state["acked"] == replayed - state["dead"]
+    assert second.stop() == 0
+
+
+def numbers(found: list[dict]) -> set[int]:
+    """The message numbers in a SlowFailTimes record file."""
+    return {r["message"]["n"] for r in found}
 
 
 AFTER = encode_frame({"a": 4, "c": "main", "m": "after", "b": ["orders"]})
