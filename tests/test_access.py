@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -366,3 +367,64 @@ def test_every_op_is_allowed_or_refused_by_its_access_level(
         assert with_shutdown["result"] is True
         assert daemon.process.wait(15) == 0
 
+
+def test_a_reload_that_revokes_access_applies_to_open_connections(start_busd):
+    """A connection opened while its user may write loses that right as soon
+    as a reload takes it away: its access is not fixed at connect time.
+    """
+    before = '[busd]\ngroup = "nogroup"\n[access]\nwrite_users = ["nobody"]\n'
+    after = '[busd]\ngroup = "nogroup"\n[access]\nread_users = ["nobody"]\n'
+    daemon = start(start_busd, before)
+    ready_r, ready_w = os.pipe()  # child -> test: "connected, and allowed"
+    go_r, go_w = os.pipe()  # test -> child: "reloaded" (or EOF: gave up)
+
+    def work() -> dict[str, Any]:
+        os.close(ready_r)
+        os.close(go_w)
+
+        def both(client: Client) -> list[Any]:
+            found = []
+            for op, arguments in (("ping", {}), ("publish", ARGUMENTS["publish"])):
+                try:
+                    client.call(op, **arguments)
+                    found.append("ok")
+                except BusError as error:
+                    found.append([error.code, error.message])
+            return found
+
+        with Client(daemon.socket, timeout=10) as client:
+            answers = {"before": both(client)}
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            answers["after"] = both(client)
+        with Client(daemon.socket, timeout=10) as fresh:
+            answers["new connection"] = both(fresh)
+        return answers
+
+    child = fork_as(work, NOBODY, NOGROUP)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], CHILD_DEADLINE)
+        assert readable, "the child never connected"
+        daemon.config.write_text(after)
+        with daemon.client() as root:
+            assert root.reload() == {"reloading": True}
+        wait_for(
+            lambda: "Reloaded configuration" in daemon.log_text(),
+            what="the reload to be applied",
+        )
+        os.write(go_w, b"g")
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        answers = finish(child)["result"]
+    refused = [
+        "permission_denied",
+        f"uid {NOBODY} may not run 'publish' (write access)",
+    ]
+    assert answers == {
+        "before": ["ok", "ok"],
+        "after": ["ok", refused],
+        "new connection": ["ok", refused],
+    }
