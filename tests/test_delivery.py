@@ -5,7 +5,8 @@ when it fails there: fan-out to every broker on the channel and
 round-robin across a broker's instances, retries after a nack up to
 ``max_retries`` and then the ``dead`` channel, redelivery (flagged
 ``redelivered``) when a worker dies with messages in flight, a worker
-that hangs past ``ack_timeout``, and backpressure (``queue_size``,
+that hangs past ``ack_timeout`` (and how soon it is killed), and
+backpressure (``queue_size``, also across two brokers on one channel,
 ``max_inflight``).
 
 Every test starts a real daemon (``start_busd``) whose brokers are real
@@ -406,3 +407,42 @@ def test_full_queue_answers_busy_and_loses_nothing(start_busd, tmp_path):
         accepted.append(100)
     found = wait_records(path, lambda r: sorted(messages_of(r)) == sorted(accepted))
     assert refused[0] not in messages_of(found)
+
+
+def test_one_full_broker_refuses_the_message_for_every_broker_on_the_channel(
+    start_busd, tmp_path
+):
+    """Two brokers on one channel, the second full: ``publish`` answers
+    ``busy`` and neither broker gets the message, so a retry by the
+    publisher duplicates nothing.
+
+    The full broker's only worker never starts (restart = never), so its
+    queue holds what it was given; the other one records and acks.
+    """
+    path = tmp_path / "open.jsonl"
+    daemon = start_busd(
+        config_text=broker("open", "brokers_for_tests:Recorder", path)
+        + broker(
+            "full", "brokers_for_tests:CrashAtStart", queue_size=2, restart="never"
+        )
+    )
+    with daemon.client() as client:
+        for number in (1, 2):
+            assert client.publish("main", number)["brokers"] == 2
+        try:
+            client.publish("main", 3)
+        except BusError as error:
+            assert error.code == "busy"
+            assert "broker 'full' has 2 messages queued (queue_size 2)" in error.message
+        else:
+            raise AssertionError("a message over full's queue_size was accepted")
+        wait_for(
+            lambda: client.state()["brokers"]["open"]["acked"] == 2,
+            what="open to ack the two accepted messages",
+        )
+        state = client.state()
+    assert state["brokers"]["open"]["accepted"] == 2
+    assert state["brokers"]["full"]["accepted"] == 2
+    assert state["brokers"]["full"]["queued"] == 2
+    assert state["published"] == 2
+    assert messages_of(records(path)) == [1, 2]
