@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from busd.protocol import HEADER, ErrorCode, ProtocolError, decode_body, encode_frame
+from busd.protocol import HEADER, ProtocolError, decode_body, encode_frame
 
 log = logging.getLogger("busd")
 
@@ -120,10 +120,8 @@ class Spool:
                 break  # busd died while writing the last record
             try:
                 self._apply(decode_body(data[body_start : body_start + length]))
-            except ProtocolError as error:
-                log.warning(
-                    "Spool %s: unreadable record skipped: %s", self.path, error.message
-                )
+            except (ProtocolError, ValueError) as error:
+                log.warning("Spool %s: unreadable record skipped: %s", self.path, error)
                 damaged = True
             start = body_start + length
         if start < end:
@@ -143,7 +141,7 @@ class Spool:
         self._compact()
 
     def _apply(self, record: dict[str, Any]) -> None:
-        """Take one record read at start; ProtocolError if it is not one of ours."""
+        """Take one record read at start; ValueError if it is not one of ours."""
         if _is_id(record.get("last")):
             self.last_id = max(self.last_id, record["last"])
         elif (
@@ -165,10 +163,8 @@ class Spool:
                     del self.pending[record["s"]]
             self._settled_records += 1
         else:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                f"not a spool record (keys {sorted(map(str, record))[:5]})",
-            )
+            keys = sorted(map(str, record))[:5]
+            raise ValueError(f"not a spool record (keys {keys})")
 
     def _keep_damaged_copy(self) -> None:
         """Copy the damaged file aside before the compaction rewrites it:
