@@ -13,7 +13,11 @@ msgpack map)::
     {"s": id, "b": broker}                                       settled
     {"last": id}           the highest id so far (first record after a rewrite)
 
-A torn last frame (busd died mid-write) is ignored. When the file holds
+A torn last frame (busd died mid-write) is ignored. A damaged file does
+not stop busd: a record that is not one of ours is skipped, a header no
+record can have ends the reading there, what came before is delivered,
+and the file as it was is copied aside (``busd.spool.damaged-TIME``)
+before the compaction at start rewrites it. When the file holds
 mostly settled records it is rewritten with the live ones only (a new
 file, fsynced, renamed over the old: a crash leaves one or the other).
 
@@ -29,11 +33,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from busd.protocol import FrameDecoder, ProtocolError, encode_frame
+from busd.protocol import HEADER, ProtocolError, decode_body, encode_frame
 
 log = logging.getLogger("busd")
 
@@ -42,6 +47,8 @@ FSYNC_MODES = ("always", "interval", "never")
 FSYNC_INTERVAL = 0.05
 # Rewrite the file once it is this large and mostly settled records.
 COMPACT_BYTES = 4 << 20
+# A header announcing more than this is damage, not a record.
+MAX_RECORD = 1 << 31
 
 
 class SpoolError(OSError):
@@ -85,49 +92,96 @@ class Spool:
                 data = file.read()
         except FileNotFoundError:
             return
-        decoder = FrameDecoder(max_frame=1 << 31)
-        try:
-            records = decoder.feed(data)
-        except ProtocolError as error:
-            raise SpoolError(
-                f"{self.path}: unreadable spool: {error.message}"
-            ) from None
-        if decoder.pending:
+        # Frame by frame, so that damage keeps what comes before it: a
+        # header no record can have stops the reading there; a record that
+        # is not one of ours is skipped (its length still leads to the next).
+        damaged = False
+        start, end = 0, len(data)
+        while end - start >= HEADER.size:
+            (length,) = HEADER.unpack_from(data, start)
+            body_start = start + HEADER.size
+            torn = end - body_start < length
+            # Every record is a small map: a torn one starts like one too.
+            if length > MAX_RECORD or (
+                torn and body_start < end and data[body_start] & 0xF0 != 0x80
+            ):
+                log.error(
+                    "Spool %s is unreadable from byte %d on (a record of %d bytes "
+                    "announced, %d bytes left); the records before it are kept",
+                    self.path,
+                    start,
+                    length,
+                    end - body_start,
+                )
+                damaged = True
+                start = end
+                break
+            if torn:
+                break  # busd died while writing the last record
+            try:
+                self._apply(decode_body(data[body_start : body_start + length]))
+            except (ProtocolError, ValueError) as error:
+                log.warning("Spool %s: unreadable record skipped: %s", self.path, error)
+                damaged = True
+            start = body_start + length
+        if start < end:
             log.warning(
                 "Spool %s ends with a torn record (%d bytes; busd died while "
                 "writing it): ignored",
                 self.path,
-                decoder.pending,
+                end - start,
             )
-        for record in records:
-            if isinstance(record, ProtocolError):
-                log.warning(
-                    "Spool %s: unreadable record skipped: %s", self.path, record
-                )
-            elif "last" in record:
-                self.last_id = max(self.last_id, record["last"])
-            elif isinstance(record, ProtocolError):
-                log.warning(
-                    "Spool %s: unreadable record skipped: %s", self.path, record
-                )
-            elif "a" in record:
-                self.pending[record["a"]] = Pending(
-                    record["a"], record["c"], record["m"], set(record["b"])
-                )
-                self.last_id = max(self.last_id, record["a"])
-            elif "s" in record:
-                entry = self.pending.get(record["s"])
-                if entry is not None:
-                    entry.brokers.discard(record["b"])
-                    if not entry.brokers:
-                        del self.pending[record["s"]]
-                self._settled_records += 1
+        if damaged:
+            self._keep_damaged_copy()
         if self.pending:
             log.info(
                 "Spool %s: %d messages to deliver again", self.path, len(self.pending)
             )
         # Start from a compact file: only what is still pending.
         self._compact()
+
+    def _apply(self, record: dict[str, Any]) -> None:
+        """Take one record read at start; ValueError if it is not one of ours."""
+        if _is_id(record.get("last")):
+            self.last_id = max(self.last_id, record["last"])
+        elif (
+            _is_id(record.get("a"))
+            and isinstance(record.get("c"), str)
+            and "m" in record
+            and isinstance(record.get("b"), list)
+            and all(isinstance(b, str) for b in record["b"])
+        ):
+            self.pending[record["a"]] = Pending(
+                record["a"], record["c"], record["m"], set(record["b"])
+            )
+            self.last_id = max(self.last_id, record["a"])
+        elif _is_id(record.get("s")) and isinstance(record.get("b"), str):
+            entry = self.pending.get(record["s"])
+            if entry is not None:
+                entry.brokers.discard(record["b"])
+                if not entry.brokers:
+                    del self.pending[record["s"]]
+            self._settled_records += 1
+        else:
+            keys = sorted(map(str, record))[:5]
+            raise ValueError(f"not a spool record (keys {keys})")
+
+    def _keep_damaged_copy(self) -> None:
+        """Copy the damaged file aside before the compaction rewrites it:
+        what could not be read is not destroyed."""
+        copy = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            shutil.copyfile(self.path, copy)
+        except OSError as error:
+            log.error(
+                "Spool %s: cannot keep a copy of the damaged file: %s",
+                self.path,
+                error.strerror or error,
+            )
+            return
+        log.error(
+            "Spool %s was damaged; the file as it was is kept as %s", self.path, copy
+        )
 
     # -- writing -------------------------------------------------------------------
 
@@ -237,3 +291,7 @@ class Spool:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

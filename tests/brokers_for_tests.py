@@ -8,7 +8,8 @@ the ``env`` table of their ``[brokers.NAME]``:
   with a single ``write()`` on an ``O_APPEND`` descriptor, so the lines of
   several instances never mix and survive a SIGKILL right after;
 - ``CHANNELS``: the channels to listen on, comma-separated (``main``);
-- ``SLEEP``: seconds :class:`Slow` takes per message.
+- ``SLEEP``: seconds :class:`Slow` (and :class:`SlowFailTimes`) take per
+  message.
 
 Every recorded line holds the message, the delivery's ``attempt`` and
 ``redelivered`` flag (``bus.delivery``, see busd/worker.py), the channel,
@@ -78,6 +79,22 @@ class FailTimes(Recorder):
 
     def handle(self, channel: str, message: Any) -> None:
         super().handle(channel, message)
+        attempt = (self.bus.delivery or {}).get("attempt", 1)
+        if attempt <= message.get("fail", 0):
+            raise RuntimeError(f"planned failure {attempt} of {message['fail']}")
+
+
+class SlowFailTimes(Recorder):
+    """Records a delivery when it takes it in hand, works ``$SLEEP`` seconds
+    on it, then fails it as :class:`FailTimes` does (``message["fail"]``).
+
+    A record so means "in hand", not "done": a worker killed mid-message
+    has recorded it, and busd has not settled it.
+    """
+
+    def handle(self, channel: str, message: Any) -> None:
+        super().handle(channel, message)
+        time.sleep(float(os.environ.get("SLEEP", "0.1")))
         attempt = (self.bus.delivery or {}).get("attempt", 1)
         if attempt <= message.get("fail", 0):
             raise RuntimeError(f"planned failure {attempt} of {message['fail']}")

@@ -1,7 +1,8 @@
 """Access control with a client that really is another user.
 
-The client side runs in a forked child that drops to ``nobody`` (setgroups,
-setgid, setuid) before it touches the socket, so busd learns its uid and
+The client side runs in a forked child that drops to ``nobody``, or to a
+bare uid no user database knows (setgroups, setgid, setuid), before it
+touches the socket, so busd learns its uid and
 groups from the kernel (SO_PEERCRED, SO_PEERGROUPS) exactly as it would
 for a stranger's process. The child uses ``busctl.Client`` and
 ``busctl.cli.main`` (imported here, before the fork: nobody may not be able
@@ -18,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -33,6 +35,7 @@ from helpers import RunningDaemon, wait_for
 import busctl.cli
 import busctl.render  # the CLI loads it lazily: load it here, as root
 from busctl.client import BusError, Client
+from busd.protocol import PROTOCOL_VERSION
 
 NOBODY = 65534
 NOGROUP = 65534
@@ -58,15 +61,25 @@ def as_nobody(work: Callable[[], Any]) -> dict[str, Any]:
     The child never returns into pytest: it writes ``{"pid", "result"}`` (or
     ``{"pid", "error"}``) to a pipe and leaves with ``os._exit``.
     """
+    return finish(fork_as(work, NOBODY, NOGROUP))
+
+
+def fork_as(
+    work: Callable[[], Any], uid: int, gid: int, groups: tuple[int, ...] = ()
+) -> tuple[int, int]:
+    """Fork a child that becomes ``uid``/``gid``/``groups`` and runs ``work()``.
+
+    Returns its PID and the read end of its report pipe, for ``finish``.
+    """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
         status = 1
         try:
             os.close(read_end)
-            os.setgroups([])
-            os.setgid(NOGROUP)
-            os.setuid(NOBODY)
+            os.setgroups(list(groups))
+            os.setgid(gid)
+            os.setuid(uid)
             try:
                 report = {"result": work()}
             except BaseException:
@@ -77,11 +90,17 @@ def as_nobody(work: Callable[[], Any]) -> dict[str, Any]:
         finally:
             os._exit(status)
     os.close(write_end)
+    return pid, read_end
+
+
+def finish(child: tuple[int, int]) -> dict[str, Any]:
+    """Wait (with a deadline) for a child of ``fork_as``; return its report."""
+    pid, read_end = child
     try:
         wait_for(
             lambda: os.waitpid(pid, os.WNOHANG)[0] == pid,
             timeout=CHILD_DEADLINE,
-            what=f"the child {pid} running as nobody",
+            what=f"the child {pid} running as another user",
         )
     except AssertionError:
         os.kill(pid, signal.SIGKILL)
@@ -230,3 +249,182 @@ def test_writer_groups_may_publish(start_busd):
         assert run["result"]["stdout"].startswith("published message ")
         assert stream.next_event(10) == {"channel": "main", "message": "x"}
     assert "Refused" not in daemon.log_text()
+
+
+# -- every op, for each kind of caller -------------------------------------------------
+
+READ_OPS = ("hello", "ping", "state", "subscribe", "events", "logs", "cancel")
+WRITE_OPS = (
+    "publish",
+    "broker_start",
+    "broker_stop",
+    "broker_restart",
+    "scale",
+    "reload",
+    "shutdown",
+)
+#: Each op's arguments. The broker ops name a broker that does not exist
+#: and ``shutdown`` gets an argument it does not take: an allowed caller
+#: gets past the access check to the op's own refusal, and busd keeps
+#: running for the next caller. ``cancel`` ends this connection's
+#: ``subscribe`` (its request id is 4, the fourth request sent).
+ARGUMENTS: dict[str, dict[str, Any]] = {
+    "hello": {"versions": [PROTOCOL_VERSION]},
+    "subscribe": {"channels": ["main"]},
+    "logs": {"lines": 1},
+    "cancel": {"stream": 4},
+    "publish": {"channel": "main", "message": "from the matrix"},
+    "broker_start": {"broker": "absent"},
+    "broker_stop": {"broker": "absent"},
+    "broker_restart": {"broker": "absent"},
+    "scale": {"broker": "absent", "instances": 1},
+    "shutdown": {"now": True},
+}
+NO_BROKER = ["not_found", "no broker 'absent' (configured: none)"]
+#: What an allowed caller gets: the answer of an op that ran.
+ALLOWED = {
+    **{op: ["ok"] for op in (*READ_OPS, "publish", "reload")},
+    **{op: NO_BROKER for op in ("broker_start", "broker_stop", "broker_restart")},
+    "scale": NO_BROKER,
+    "shutdown": ["bad_request", "'shutdown' takes no argument 'now' (it takes: none)"],
+}
+READER, UID_WRITER, GROUP_WRITER, OUTSIDER = NOBODY, 54321, 54322, 54323
+MATRIX_CONFIG = """
+[busd]
+socket_mode = "0666"
+
+[access]
+read_users = ["nobody"]
+write_users = [54321]
+write_groups = ["nogroup"]
+"""
+
+
+def every_op(path: str) -> Callable[[], dict[str, Any]]:
+    """Work for ``fork_as``: every op in turn on one connection, the answers."""
+
+    def work() -> dict[str, Any]:
+        answers: dict[str, Any] = {}
+        with Client(path, timeout=10) as client:
+            for op in (*READ_OPS, *WRITE_OPS):
+                request_id = client.send(op, **ARGUMENTS.get(op, {}))
+                if op == "subscribe":
+                    assert request_id == ARGUMENTS["cancel"]["stream"]
+                try:
+                    client.wait(request_id)
+                except BusError as error:
+                    answers[op] = [error.code, error.message]
+                else:
+                    answers[op] = ["ok"]
+        return answers
+
+    return work
+
+
+@pytest.mark.parametrize(
+    ("who", "uid", "gid", "groups", "level"),
+    [
+        ("read_users member, by name", READER, 54400, (), "read"),
+        ("write_users member, by uid", UID_WRITER, 54401, (), "write"),
+        ("write_groups member", GROUP_WRITER, 54402, (NOGROUP,), "write"),
+        ("on no list", OUTSIDER, 54403, (), None),
+    ],
+)
+def test_every_op_is_allowed_or_refused_by_its_access_level(
+    start_busd, who, uid, gid, groups, level
+):
+    """Each op of busd, called by a reader, a writer named by uid, a member of
+    a writer group, and an outsider: read ops are allowed to readers and
+    writers, write ops to writers only; the others get ``permission_denied``
+    naming the op and its level, and busd keeps running.
+    """
+    daemon = start(start_busd, MATRIX_CONFIG)
+    with daemon.client() as root:
+        # The matrix is every op busd has: a new op must be placed in it.
+        assert sorted(root.hello()["ops"]) == sorted((*READ_OPS, *WRITE_OPS))
+    answers = finish(fork_as(every_op(daemon.socket), uid, gid, groups))["result"]
+    for op in (*READ_OPS, *WRITE_OPS):
+        needs = "write" if op in WRITE_OPS else "read"
+        if level == "write" or level == needs:
+            assert answers[op] == ALLOWED[op], (who, op)
+        else:
+            assert answers[op] == [
+                "permission_denied",
+                f"uid {uid} may not run {op!r} ({needs} access)",
+            ], (who, op)
+    with daemon.client() as root:
+        assert root.ping() == "pong"  # no shutdown got through
+    if level == "write":
+        # The real thing, last: the writer shuts busd down.
+        with_shutdown = finish(
+            fork_as(
+                lambda: Client(daemon.socket, timeout=10).call("shutdown")["stopping"],
+                uid,
+                gid,
+                groups,
+            )
+        )
+        assert with_shutdown["result"] is True
+        assert daemon.process.wait(15) == 0
+
+
+def test_a_reload_that_revokes_access_applies_to_open_connections(start_busd):
+    """A connection opened while its user may write loses that right as soon
+    as a reload takes it away: its access is not fixed at connect time.
+    """
+    before = '[busd]\ngroup = "nogroup"\n[access]\nwrite_users = ["nobody"]\n'
+    after = '[busd]\ngroup = "nogroup"\n[access]\nread_users = ["nobody"]\n'
+    daemon = start(start_busd, before)
+    ready_r, ready_w = os.pipe()  # child -> test: "connected, and allowed"
+    go_r, go_w = os.pipe()  # test -> child: "reloaded" (or EOF: gave up)
+
+    def work() -> dict[str, Any]:
+        os.close(ready_r)
+        os.close(go_w)
+
+        def both(client: Client) -> list[Any]:
+            found = []
+            for op, arguments in (("ping", {}), ("publish", ARGUMENTS["publish"])):
+                try:
+                    client.call(op, **arguments)
+                    found.append("ok")
+                except BusError as error:
+                    found.append([error.code, error.message])
+            return found
+
+        with Client(daemon.socket, timeout=10) as client:
+            answers = {"before": both(client)}
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            answers["after"] = both(client)
+        with Client(daemon.socket, timeout=10) as fresh:
+            answers["new connection"] = both(fresh)
+        return answers
+
+    child = fork_as(work, NOBODY, NOGROUP)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], CHILD_DEADLINE)
+        assert readable, "the child never connected"
+        daemon.config.write_text(after)
+        with daemon.client() as root:
+            assert root.reload() == {"reloading": True}
+        wait_for(
+            lambda: "Reloaded configuration" in daemon.log_text(),
+            what="the reload to be applied",
+        )
+        os.write(go_w, b"g")
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        answers = finish(child)["result"]
+    refused = [
+        "permission_denied",
+        f"uid {NOBODY} may not run 'publish' (write access)",
+    ]
+    assert answers == {
+        "before": ["ok", "ok"],
+        "after": ["ok", refused],
+        "new connection": ["ok", refused],
+    }

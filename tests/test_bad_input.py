@@ -185,6 +185,37 @@ def test_a_message_just_under_max_frame_is_accepted(busd_daemon):
         assert_still_serving(busd_daemon, listener, publisher)
 
 
+def publish_body(size: int) -> bytes:
+    """A msgpack publish request of exactly ``size`` bytes (a frame's body)."""
+    request = {"id": 1, "op": "publish", "channel": "main", "message": ""}
+    body = msgpack.packb(request)
+    request["message"] = "x" * (size - len(body) - 2)  # str16: 2 more bytes
+    body = msgpack.packb(request)
+    assert len(body) == size
+    return body
+
+
+def test_a_frame_of_exactly_max_frame_is_accepted_and_one_byte_more_refused(
+    start_busd,
+):
+    """``max_frame`` counts the body (not the 4-byte header): a body of
+    exactly ``max_frame`` bytes is served, one of ``max_frame + 1`` is
+    refused ``too_large`` from its header and the connection closed.
+    """
+    daemon = start_busd(config_text="[busd]\nmax_frame = 4096\n")
+    with RawConnection(daemon.socket) as raw:
+        raw.send_bytes(frame_of(publish_body(4096)))
+        reply = raw.receive()
+        assert (reply["id"], reply["ok"]) == (1, True), reply
+        raw.send_bytes(frame_of(publish_body(4097)))
+        frames = raw.wait_closed()
+    assert len(frames) == 1
+    assert_refused(
+        frames[0], "too_large", "frame of 4097 bytes is over the maximum of 4096 bytes"
+    )
+    assert_still_serving(daemon)
+
+
 def test_invalid_utf8_is_a_bad_request(busd_daemon):
     good = msgpack.packb({"id": 1, "op": "ping"})
     bad_value = good.replace(b"\xa4ping", b"\xa4\xff\xfe\xc0\x80")

@@ -3,7 +3,8 @@
 Starting, stopping, restarting and scaling a broker or one instance of it,
 over the control socket and with ``busctl`` (its output, exit status and
 usage errors); a worker that ignores the stop request and SIGTERM; a
-reload that scales and rolls a broker while messages stream; and workers
+reload that scales and rolls a broker while messages stream, and one that
+removes a broker holding messages; and workers
 that end with a killed busd, or are ended by the next one.
 
 Every test starts a real daemon whose brokers are real worker processes:
@@ -48,6 +49,7 @@ from helpers import (
 )
 
 from busctl.client import BusError, Client
+from busd.spool import Spool
 
 # -- start, stop, restart and scale over the control socket ----------------------------
 
@@ -368,6 +370,67 @@ def test_reload_rolls_brokers_while_messages_stream(start_busd, tmp_path):
     assert {r["instance"] for r in found} == {0, 1, 2}
     log = daemon.log_text()
     assert "Broker rec: config changed; rolling restart" in log
+
+
+def test_a_broker_removed_by_reload_settles_its_messages_dead(start_busd, tmp_path):
+    """A reload that removes a broker still holding messages (one in a
+    worker's hands, the others queued) settles each of them ``dead``: a
+    ``publish --wait`` on one of them answers, a letter saying why goes to
+    ``dead``, the spool records the settlement, one warning counts them.
+
+    Before, they stayed in the removed broker's queue for good, and the
+    --wait never answered.
+    """
+    spool = tmp_path / "spool"
+    kept, hung = tmp_path / "kept.jsonl", tmp_path / "hung.jsonl"
+    stays = broker("stays", "brokers_for_tests:Recorder", kept)
+    leaving = broker(
+        "leaving",
+        "brokers_for_tests:HangOn",
+        hung,
+        env={"HANG_ON": "hang"},
+        max_inflight=1,
+        stop_timeout=1.0,  # its hung worker is SIGKILLed 1 s into the stop
+    )
+    busd_table = f'[busd]\nspool = "{spool}"\n\n'
+    daemon = start_busd(busd_table + stays + leaving)
+    sent = ["hang", "q1", "q2", "waited"]
+    with (
+        daemon.client(timeout=30) as listener,
+        daemon.client(timeout=30) as client,
+        daemon.client(timeout=30) as waiter,
+    ):
+        dead = listener.subscribe("dead")
+        client.publish("main", "hang")
+        wait_records(hung, lambda r: messages_of(r) == ["hang"], what="the hang")
+        client.publish_many("main", ["q1", "q2"])
+        request = waiter.send("publish", channel="main", message="waited", wait=True)
+        wait_records(kept, lambda r: messages_of(r) == sent, what="stays' records")
+        state = client.state()["brokers"]["leaving"]
+        assert (state["queued"], state["instances"][0]["inflight"]) == (3, 1)
+
+        daemon.config.write_text(busd_table + stays)
+        client.reload()
+        answer = waiter.wait(request)  # acked by stays, dead in leaving
+        assert (answer["brokers"], answer["acked"], answer["dead"]) == (2, 1, 1)
+        letters = [dead.next_event(20)["message"] for _ in sent]
+        assert sorted(letter["message"] for letter in letters) == sorted(sent)
+        for letter in letters:
+            assert (letter["broker"], letter["channel"]) == ("leaving", "main")
+            assert letter["errors"][-1] == "broker leaving was removed from the config"
+        assert "leaving" not in client.state()["brokers"]
+        after = client.call("publish", channel="main", message="after", wait=True)
+        assert (after["brokers"], after["acked"]) == (1, 1)  # stays only
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert log.count("removed from the config with") == 1
+    assert (
+        "Broker leaving: removed from the config with 4 messages not acknowledged; "
+        "they are dead (sent to the 'dead' channel)"
+    ) in log
+    reopened = Spool(str(spool))  # busd is gone: nothing left unsettled
+    assert reopened.pending == {}
+    reopened.close()
 
 
 # -- no orphans after busd is killed ---------------------------------------------------

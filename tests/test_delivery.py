@@ -5,7 +5,8 @@ when it fails there: fan-out to every broker on the channel and
 round-robin across a broker's instances, retries after a nack up to
 ``max_retries`` and then the ``dead`` channel, redelivery (flagged
 ``redelivered``) when a worker dies with messages in flight, a worker
-that hangs past ``ack_timeout``, and backpressure (``queue_size``,
+that hangs past ``ack_timeout`` (and how soon it is killed), and
+backpressure (``queue_size``, also across two brokers on one channel,
 ``max_inflight``).
 
 Every test starts a real daemon (``start_busd``) whose brokers are real
@@ -24,10 +25,20 @@ import threading
 import time
 
 import psutil
-from helpers import broker, messages_of, records, rows, wait_for, wait_records
+from helpers import (
+    broker,
+    collect,
+    gone,
+    messages_of,
+    records,
+    rows,
+    wait_for,
+    wait_records,
+)
 
 from busctl.client import BusError
 from busd.supervision.services import RestartTiming
+from busd.supervision.supervisor import ACK_CHECK_SECONDS
 
 FAST_FAILURE_SECONDS = RestartTiming().fast_failure_seconds
 MAX_FAST_FAILURES = RestartTiming().max_fast_failures
@@ -171,6 +182,56 @@ def test_a_hung_worker_is_killed_and_its_messages_move_on(start_busd, tmp_path):
     assert "the worker is taken as hung and killed" in log
     assert "killed by SIGKILL" in log
     assert daemon.stop() == 0
+
+
+HANG_TIMEOUT = 2.0
+
+
+def test_a_hung_worker_is_killed_within_ack_timeout_and_one_check(start_busd, tmp_path):
+    """A worker holding a message past ``ack_timeout`` is killed after
+    ack_timeout has passed, and within ack_timeout plus one check interval
+    (``ACK_CHECK_SECONDS``) but for a loaded machine's delays.
+
+    With ack_timeout = 2 s and checks every 0.5 s, the kill is due 2.0 to
+    2.5 s after the message was sent. The bound is 2 s x 1.9 = 3.8 s: 1.3 s
+    for scheduling delays on a busy 2-core machine, and still short of
+    4 s, where a doubled ack_timeout would kill at the earliest. Measured
+    from just before the publish (so never late) to the instance's exit as
+    busd's ``events`` stream time-stamps it (so never early).
+    """
+    assert HANG_TIMEOUT + ACK_CHECK_SECONDS < HANG_TIMEOUT * 1.9
+    record = tmp_path / "record.jsonl"
+    config = broker(
+        "hang",
+        "brokers_for_tests:HangOn",
+        record,
+        env={"HANG_ON": "hang"},
+        ack_timeout=HANG_TIMEOUT,
+        max_retries=0,
+        restart="never",
+    )
+    daemon = start_busd(config)
+    with daemon.client(timeout=30) as watcher, daemon.client() as client:
+        (worker,) = rows(client, "hang")
+        assert worker["state"] == "RUNNING"
+        events = watcher.events()
+        sent = time.time()
+        client.publish("main", "hang")
+
+        def left_running(found: list[dict]) -> bool:
+            return any(
+                e.get("broker") == "hang" and e["state"] != "RUNNING" for e in found
+            )
+
+        found = collect(events, [], left_running, timeout=30)
+    exit_seen = next(e for e in found if e.get("broker") == "hang")
+    took = exit_seen["time"] - sent
+    assert HANG_TIMEOUT <= took < HANG_TIMEOUT * 1.9, took
+    assert messages_of(records(record)) == ["hang"]  # it did get the message
+    assert gone(worker["pid"])
+    log = daemon.log_text()
+    assert "not acknowledged within 2 s (ack_timeout)" in log
+    assert "killed by SIGKILL" in log
 
 
 def test_a_message_that_hangs_every_worker_goes_dead(start_busd, tmp_path):
@@ -346,3 +407,42 @@ def test_full_queue_answers_busy_and_loses_nothing(start_busd, tmp_path):
         accepted.append(100)
     found = wait_records(path, lambda r: sorted(messages_of(r)) == sorted(accepted))
     assert refused[0] not in messages_of(found)
+
+
+def test_one_full_broker_refuses_the_message_for_every_broker_on_the_channel(
+    start_busd, tmp_path
+):
+    """Two brokers on one channel, the second full: ``publish`` answers
+    ``busy`` and neither broker gets the message, so a retry by the
+    publisher duplicates nothing.
+
+    The full broker's only worker never starts (restart = never), so its
+    queue holds what it was given; the other one records and acks.
+    """
+    path = tmp_path / "open.jsonl"
+    daemon = start_busd(
+        config_text=broker("open", "brokers_for_tests:Recorder", path)
+        + broker(
+            "full", "brokers_for_tests:CrashAtStart", queue_size=2, restart="never"
+        )
+    )
+    with daemon.client() as client:
+        for number in (1, 2):
+            assert client.publish("main", number)["brokers"] == 2
+        try:
+            client.publish("main", 3)
+        except BusError as error:
+            assert error.code == "busy"
+            assert "broker 'full' has 2 messages queued (queue_size 2)" in error.message
+        else:
+            raise AssertionError("a message over full's queue_size was accepted")
+        wait_for(
+            lambda: client.state()["brokers"]["open"]["acked"] == 2,
+            what="open to ack the two accepted messages",
+        )
+        state = client.state()
+    assert state["brokers"]["open"]["accepted"] == 2
+    assert state["brokers"]["full"]["accepted"] == 2
+    assert state["brokers"]["full"]["queued"] == 2
+    assert state["published"] == 2
+    assert messages_of(records(path)) == [1, 2]

@@ -3,15 +3,17 @@
 import errno
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import broker, gone, records, rows, wait_for
 
 from busctl.client import BusError
+from busd.protocol import encode_frame
 from busd.spool import SPOOL_FILE, Spool, SpoolError
 
 TESTS = Path(__file__).resolve().parent
@@ -114,6 +116,15 @@ def test_kill_9_of_busd_loses_no_accepted_message(start_busd, tmp_path):
 
 
 def test_settled_messages_are_not_delivered_again(start_busd, tmp_path):
+    """Messages acked before a kill -9 are settled in the spool: the next busd
+    delivers none of them again.
+
+    (``accepted`` counts publishes only, never what the spool restores, so
+    it cannot tell.) The one instance takes its messages in order, and what
+    the spool restores is queued before anything published after the start:
+    once a marker published now is acked, a replay would have been handled
+    and recorded before it.
+    """
     record = tmp_path / "record.jsonl"
     config = broker_config(tmp_path, "Recorder", record)
     first = start_busd(config)
@@ -124,9 +135,161 @@ def test_settled_messages_are_not_delivered_again(start_busd, tmp_path):
     first.process.wait(10)
     second = start_busd(config)
     with second.client() as client:
-        assert client.state()["brokers"]["orders"]["accepted"] == 0
-    assert len(record.read_text().splitlines()) == 20
+        marker = client.call("publish", channel="main", message="marker", wait=True)
+        assert (marker["acked"], marker["dead"]) == (1, 0)
+        assert client.state()["brokers"]["orders"]["acked"] == 1  # the marker only
+    got = [json.loads(line) for line in record.read_text().splitlines()]
+    assert got == [f"m{i}" for i in range(20)] + ["marker"]
     assert second.stop() == 0
+    assert "to deliver again" not in second.log_text()
+
+
+def test_kill_9_with_messages_in_flight_replays_exactly_the_unsettled_ones(
+    start_busd, tmp_path
+):
+    """busd SIGKILLed while a working broker has messages in flight.
+
+    Promises: every accepted message is handled; each message the spool
+    replays after the restart is flagged ``redelivered`` (among them those
+    a worker had in hand at the kill); a message that went dead before the
+    kill was settled in the spool and is not replayed.
+
+    The broker records a message when it takes it in hand, then works 0.1 s
+    on it (two instances, four in flight each); some messages always fail
+    and go dead after two attempts. A record file per busd tells what each
+    one's workers got.
+    """
+    spool = tmp_path / "spool"
+    before, after = tmp_path / "before.jsonl", tmp_path / "after.jsonl"
+
+    def config(record: Path) -> str:
+        return f'[busd]\nspool = "{spool}"\n\n' + broker(
+            "work",
+            "brokers_for_tests:SlowFailTimes",
+            record,
+            env={"SLEEP": "0.1"},
+            instances=2,
+            max_inflight=4,
+            max_retries=1,
+        )
+
+    total = 60
+    poison = {1, 4, 40, 55}  # these always fail: dead after 2 attempts
+    messages = [{"n": n, "fail": 99} if n in poison else {"n": n} for n in range(total)]
+    first = start_busd(config(before))
+    with first.client() as listener, first.client() as client:
+        dead = listener.subscribe("dead")
+        results = client.publish_many("main", messages)
+        assert [r["brokers"] for r in results] == [1] * total
+        # Two letters: messages 1 and 4 are dead, settled in the spool.
+        buried = {dead.next_event(20)["message"]["message"]["n"] for _ in range(2)}
+        assert buried == {1, 4}
+        workers = [row["pid"] for row in rows(client, "work")]
+        fork_server = first.fork_server_pid()
+        assert len(numbers(records(before))) < total, "too late: all were handled"
+        os.kill(first.pid, signal.SIGKILL)
+        first.process.wait(10)
+    # Its fork server and workers die with it (parent-death signals); the
+    # next busd, on another socket, would not take them for its orphans.
+    leftovers = [fork_server, *workers]
+    try:
+        wait_for(
+            lambda: all(gone(pid) for pid in leftovers),
+            timeout=10,
+            what="the killed busd's fork server and workers to end",
+        )
+    finally:
+        for pid in leftovers:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    in_hand = numbers(records(before))
+
+    second = start_busd(config(after))
+    replayed = int(
+        re.search(r"(\d+) messages to deliver again", second.log_text()).group(1)
+    )
+    with second.client() as client:
+
+        def settled() -> dict | None:
+            state = client.state()["brokers"]["work"]
+            done = state["acked"] + state["dead"] == replayed and not state["queued"]
+            return state if done else None
+
+        state = wait_for(settled, 30, "every replayed message acked or dead")
+    again = records(after)
+    assert len(numbers(again)) == replayed
+    assert all(r["redelivered"] is True for r in again), again
+    assert numbers(again) & in_hand, "no message was in hand at the kill"
+    assert not numbers(again) & buried, "a dead message was replayed"
+    assert in_hand | numbers(again) == set(range(total))
+    assert state["dead"] == len(numbers(again) & poison)
+    assert state["acked"] == replayed - state["dead"]
+    assert second.stop() == 0
+
+
+def numbers(found: list[dict]) -> set[int]:
+    """The message numbers in a SlowFailTimes record file."""
+    return {r["message"]["n"] for r in found}
+
+
+AFTER = encode_frame({"a": 4, "c": "main", "m": "after", "b": ["orders"]})
+
+CORRUPTIONS = {
+    # Bytes no busd wrote, between records: a header of 3.7 GB.
+    "garbage in the middle": (b"\xde\xad\xbe\xef" * 8 + AFTER, []),
+    # busd died while writing the last record: nothing follows it.
+    "a torn last record": (struct.pack(">I", 200) + b"\x84\xa1a\x05\xa1c", []),
+    # A well-framed record that is not one of ours (an accepted message
+    # without its channel), then a good one: it is read too.
+    "a record of the wrong shape": (
+        encode_frame({"a": 99, "m": "no channel"}) + AFTER,
+        ["after"],
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_damaged_spool_is_read_up_to_the_damage(start_busd, tmp_path, corruption):
+    """busd starts on a damaged spool, says so in its log, and delivers every
+    message the spool held before the damage (settled ones excepted).
+
+    Where the file was damaged rather than torn, it is kept as it was
+    beside the spool before busd's start-up compaction rewrites it.
+    """
+    damage, readable_after = CORRUPTIONS[corruption]
+    directory = tmp_path / "spool"
+    spool = Spool(str(directory))
+    for number in (1, 2, 3):
+        spool.accept(number, "main", f"before {number}", ["orders"])
+    spool.settle(2, "orders")
+    spool.close()
+    at = (directory / SPOOL_FILE).stat().st_size  # where the damage starts
+    with open(directory / SPOOL_FILE, "ab") as file:
+        file.write(damage)
+    original = (directory / SPOOL_FILE).read_bytes()
+
+    record = tmp_path / "record.jsonl"
+    daemon = start_busd(broker_config(tmp_path, "Recorder", record))
+    with daemon.client() as client:
+        # What the spool restored is queued before this, for the one instance.
+        client.call("publish", channel="main", message="marker", wait=True)
+    got = [json.loads(line) for line in record.read_text().splitlines()]
+    assert got == ["before 1", "before 3", *readable_after, "marker"]
+    assert daemon.stop() == 0
+    log = daemon.log_text()
+    assert "Traceback" not in log
+    copies = list(directory.glob(f"{SPOOL_FILE}.damaged-*"))
+    if corruption == "a torn last record":
+        assert f"ends with a torn record ({len(damage)} bytes" in log
+        assert copies == []
+    else:
+        says = {
+            "garbage in the middle": f"is unreadable from byte {at} on",
+            "a record of the wrong shape": "unreadable record skipped: not a spool",
+        }[corruption]
+        assert says in log
+        assert f"was damaged; the file as it was is kept as {copies[0]}" in log
+        assert [copy.read_bytes() for copy in copies] == [original]
 
 
 @pytest.fixture

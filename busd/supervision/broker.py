@@ -194,6 +194,19 @@ class Broker:
         )
         self.services.settle(self.name, delivery, "dead", error)
 
+    def abandon(self, error: str) -> int:
+        """Settle every queued message ``dead`` after ``error``; how many.
+
+        For a broker that is going away (removed by a reload), once its
+        instances are stopped: their unacknowledged messages are queued.
+        """
+        stranded, self.queue = self.queue, collections.deque()
+        for delivery in stranded:
+            delivery.errors.append(error)
+            self.dead += 1
+            self.services.settle(self.name, delivery, "dead", error)
+        return len(stranded)
+
     def requeue(self, instance: Instance, deliveries: list[Delivery]) -> None:
         """Put the messages of a dead or stopped instance back, first in line.
 

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from busd.config import BrokerConfig, Config
 from busd.ioloop import IOLoop
 from busd.plugins.base import SimplePlugin
-from busd.protocol import FrameEncoder
+from busd.protocol import DEAD_CHANNEL, FrameEncoder
 from busd.spawner import ORPHAN_MARK
 from busd.supervision.broker import Broker
 from busd.supervision.instance import Instance
@@ -183,6 +183,18 @@ class Supervisor(SimplePlugin):
             broker = self.brokers.pop(name)
             self._publish_routes()
             await broker.stop()
+            # Stopped, it holds its unacknowledged messages in its queue, and
+            # no instance will ever take them: settle them, or they (and a
+            # publish --wait on them) would wait forever.
+            stranded = broker.abandon(f"broker {name} was removed from the config")
+            if stranded:
+                log.warning(
+                    "Broker %s: removed from the config with %d messages not "
+                    "acknowledged; they are dead (sent to the %r channel)",
+                    name,
+                    stranded,
+                    DEAD_CHANNEL,
+                )
         for name, broker_config in new.items():
             existing = self.brokers.get(name)
             if existing is None:
