@@ -85,10 +85,12 @@ def peer_of(sock: socket.socket) -> Peer:
         "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     )
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # 1024 bytes (256 groups) is the most Python's getsockopt takes.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
     except OSError:
-        # Older kernels: the groups the user database gives that user.
+        # Older kernels, or more than 256 groups (ERANGE): the groups the
+        # user database gives that user.
         name = name_of_uid(uid)
         groups = frozenset(os.getgrouplist(name, gid)) if name else frozenset()
     return Peer(pid, uid, gid, groups)
