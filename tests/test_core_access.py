@@ -152,3 +152,36 @@ def test_peer_of_without_so_peergroups_asks_the_user_database(
         # A uid the user database does not know: no groups but its own gid.
         monkeypatch.setattr(access, "name_of_uid", lambda uid: None)
         assert peer_of(ours).groups == frozenset()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setuid needs root")
+def test_peer_of_reads_uids_and_gids_of_2_31_and_more() -> None:
+    big = 3_000_000_000  # valid on Linux (uid_t is unsigned 32 bits)
+    # An abstract address: no file whose mode could keep that user out.
+    address = f"\0busd-test-peer-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.settimeout(10)
+    with listener:
+        listener.bind(address)
+        listener.listen(1)
+        pid = os.fork()
+        if pid == 0:  # the child: becomes that user, connects, waits
+            status = 1
+            try:
+                os.setgroups([])
+                os.setresgid(big + 1, big + 1, big + 1)
+                os.setresuid(big, big, big)
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.connect(address)
+                client.recv(1)  # until the parent closes its end
+                status = 0
+            finally:
+                os._exit(status)
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                found = peer_of(connection)
+        finally:
+            _, status = os.waitpid(pid, 0)
+    assert (found.pid, found.uid, found.gid) == (pid, big, big + 1)
+    assert os.waitstatus_to_exitcode(status) == 0
