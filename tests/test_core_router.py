@@ -360,7 +360,7 @@ def test_closing_the_spool_is_final_and_harmless_twice(tmp_path: Path) -> None:
     router.publish("main", "spooled")
     router.close_spool()
     router.close_spool()
-    # After the stop's close, a late publish is still routed, not spooled.
+    # Closed means closed: a publish after it (during the stop) is not spooled.
     assert router.publish("main", "late")["id"] == 2
     router.settle("a", a.accepted[0], "acked", "")
     assert ids(a.accepted) == [1, 2]
