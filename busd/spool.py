@@ -258,7 +258,10 @@ class Spool:
     def _rewrite(self) -> None:
         """Replace the file with one holding the pending messages only."""
         temporary = self.path + ".new"
-        with open(temporary, "wb") as file:
+        # The spool's own mode, not open()'s 0o666: this file becomes the spool.
+        with os.fdopen(
+            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb"
+        ) as file:
             # Settled records go, but message ids must not start over.
             file.write(encode_frame({"last": self.last_id}))
             for entry in self.pending.values():

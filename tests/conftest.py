@@ -8,6 +8,9 @@ and at the end stops it by its PID: SIGTERM, then SIGKILL if it lingers.
 Only fixtures live here; the plain helpers they are built from
 (``RunningDaemon``, ``start_daemon``, ``wait_for``...) are in helpers.py,
 where test modules import them from.
+
+Every test that asks for one of those daemon fixtures is marked ``daemon``
+(``pytest -m "not daemon"`` runs the in-process ones: scripts/mutate does).
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ import pytest
 from helpers import ORDERS, RunningDaemon, instance_pids, record_log, start_daemon
 
 from busd import Bus
+
+#: The fixtures that start a real busd; a test using one is marked ``daemon``.
+DAEMON_FIXTURES = frozenset({"start_busd", "busd_daemon", "orders"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DAEMON_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.daemon)
 
 
 @pytest.fixture

@@ -11,9 +11,11 @@ with a deadline (:func:`wait_until`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from busd.config import BrokerConfig
@@ -428,3 +430,33 @@ def run(scenario: Callable[[Harness], Awaitable[T]], **harness: Any) -> T:
         return result
 
     return asyncio.run(main())
+
+
+# -- the operator's log -------------------------------------------------------------
+
+
+class LogLines(logging.Handler):
+    """(level, line) of each record, rendered when it is logged (as busd's
+    own handlers do: an argument such as an instance may change later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+@contextlib.contextmanager
+def busd_log(level: int = logging.INFO) -> Iterator[LogLines]:
+    """Record what busd's loggers log at ``level`` and above meanwhile."""
+    logger = logging.getLogger("busd")
+    handler = LogLines()
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 from typing import Any
 
 import pytest
-from core_fakes import FAST, FakeProcess, Harness, broker_config, run, wait_until
+from core_fakes import (
+    FAST,
+    FakeProcess,
+    Harness,
+    broker_config,
+    busd_log,
+    run,
+    wait_until,
+)
 
 from busd.config import Restart
 from busd.supervision.broker import Broker
@@ -419,3 +428,136 @@ def test_a_message_that_hangs_workers_more_than_max_retries_times_is_dead() -> N
         assert h.launcher.current("b", 0).deliveries() == []  # not a third time
 
     run(scenario, timing=FAST._replace(max_fast_failures=10))
+
+
+# -- counters, reload, start, and what the log says -----------------------------------
+
+
+def test_the_counters_add_up_over_frames_and_deaths() -> None:
+    async def scenario(h: Harness) -> None:
+        broker = await h.running_broker(broker_config(max_retries=0, max_inflight=5))
+        process = h.launcher.current("b", 0)
+        accept(broker, 1, 2, 3, 4)
+        await delivered(process, 4)
+        process.ack(1)
+        process.ack_many([2])
+        process.nack(3, "no")
+        process.nack(4, "no")
+        assert (broker.accepted, broker.acked_count, broker.dead) == (4, 2, 2)
+
+    run(scenario)
+
+
+def test_a_reloaded_config_is_the_brokers_from_then_on() -> None:
+    async def scenario(h: Harness) -> None:
+        config = broker_config(queue_size=10, max_inflight=1)
+        broker = await h.running_broker(config)
+        broker.reconfigure(dataclasses.replace(config, queue_size=1))
+        assert broker.config.queue_size == 1
+        accept(broker, 1, 2)  # 1 in flight, 2 queued: the queue is full now
+        assert broker.busy_reason() == "broker 'b' has 1 messages queued (queue_size 1)"
+
+    run(scenario)
+
+
+def test_start_starts_one_instance_or_every_stopped_one_afresh() -> None:
+    async def scenario(h: Harness) -> None:
+        broker = await h.running_broker(broker_config(instances=3))
+        await broker.stop()
+        assert [i.state for i in broker.instances] == [S.STOPPED] * 3
+        broker.instances[1].fast_failures = 2  # it had failed before the stop
+        await broker.start(1)
+        assert [i.state for i in broker.instances] == [
+            S.STOPPED,
+            S.STARTING,
+            S.STOPPED,
+        ]
+        assert broker.instances[1].fast_failures == 0
+        await broker.start()
+        assert [i.state for i in broker.instances] == [S.STARTING] * 3
+        assert len(h.launcher.of("b", 1)) == 2  # started once again only
+        with pytest.raises(LookupError):
+            await broker.start(3)
+        await broker.stop()
+
+    run(scenario)
+
+
+def test_a_requeue_that_buries_a_poison_message_hands_back_the_others() -> None:
+    async def scenario(h: Harness) -> None:
+        broker = await h.running_broker(broker_config(max_retries=1))
+        instance = broker.instances[0]
+        fine, poison = Delivery(1, "main", "a"), Delivery(2, "main", "b")
+        poison.timeouts = 2
+        poison.errors = ["nack 1", "not acknowledged within 5 s by b:0 (PID 1)", "last"]
+        await instance.stop()  # so that nothing is dispatched meanwhile
+        broker.requeue(instance, [fine, poison])
+        assert h.settled == [("b", 2, "dead", "last")]
+        assert queued(broker) == [1]
+        assert fine.redelivered and broker.redelivered == 1
+
+    run(scenario)
+
+
+def test_retries_and_deaths_are_logged_as_the_runbook_shows_them() -> None:
+    async def scenario(h: Harness) -> list[int]:
+        config = broker_config(
+            ack_timeout=5.0, max_retries=1, max_inflight=1, restart=Restart.ALWAYS
+        )
+        broker = await h.running_broker(config)
+        first = h.launcher.current("b", 0)
+        accept(broker, 1, 2)
+        await delivered(first, 1)
+        first.nack(1, "KeyError: 'x'")  # retried
+        await delivered(first, 2)
+        first.nack(1, "KeyError: 'y'")  # failed twice: dead
+        await delivered(first, 3)
+        assert seen(first)[-1] == (2, 1, False)
+        # Message 2 hangs this worker and the next: dead too.
+        poison = broker.instances[0].inflight[2]
+        pids = []
+        for hang in (1, 2):
+            process = h.launcher.current("b", 0)
+            pids.append(process.pid)
+            await delivered(process, 3 if process is first else 1)
+            broker.instances[0].check_ack_timeout(poison.sent_at + 6.0)
+            await wait_until(lambda p=process: p.exited, "the kill")
+            await wait_until(
+                lambda n=hang: len(h.launcher.of("b", 0)) == n + 1, "restart"
+            )
+            h.launcher.current("b", 0).ready()
+        return pids
+
+    with busd_log(logging.WARNING) as log:
+        first, second = run(scenario, timing=FAST._replace(max_fast_failures=10))
+    assert log.lines == [
+        (
+            "WARNING",
+            f"b:0 (PID {first}): message 1 on 'main' failed (attempt 1 of 2), "
+            "retrying: KeyError: 'x'",
+        ),
+        (
+            "ERROR",
+            f"b:0 (PID {first}): message 1 on 'main' failed 2 times; "
+            "sent to the 'dead' channel: KeyError: 'y'",
+        ),
+        (
+            "ERROR",
+            f"b:0 (PID {first}): message 2 not acknowledged within 5 s "
+            "(ack_timeout); the worker is taken as hung and killed",
+        ),
+        ("ERROR", f"b:0 (PID {first}): exited unexpectedly (killed by SIGKILL)"),
+        ("WARNING", "b:0: 1 unacknowledged messages go to another instance"),
+        (
+            "ERROR",
+            f"b:0 (PID {second}): message 2 not acknowledged within 5 s "
+            "(ack_timeout); the worker is taken as hung and killed",
+        ),
+        ("ERROR", f"b:0 (PID {second}): exited unexpectedly (killed by SIGKILL)"),
+        ("WARNING", "b:0: 1 unacknowledged messages go to another instance"),
+        (
+            "ERROR",
+            "b:0: message 2 on 'main' failed 2 times; sent to the 'dead' channel: "
+            f"not acknowledged within 5 s by b:0 (PID {second})",
+        ),
+    ]

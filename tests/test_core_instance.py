@@ -19,6 +19,7 @@ from core_fakes import (
     Harness,
     after_timers,
     broker_config,
+    busd_log,
     run,
     turns,
     wait_until,
@@ -27,7 +28,7 @@ from core_fakes import (
 from busd.config import Restart
 from busd.supervision.delivery import Delivery
 from busd.supervision.instance import Instance
-from busd.supervision.pipes import MAX_LOG_LINE
+from busd.supervision.pipes import MAX_LOG_LINE, WORKER_MAX_FRAME
 from busd.supervision.states import ALLOWED, InstanceState
 
 S = InstanceState
@@ -695,3 +696,317 @@ def test_a_worker_killed_for_a_timeout_is_not_charged_again_before_it_is_gone():
         assert len(delivery.errors) == 1
 
     run(scenario)
+
+
+# -- what the operator reads: the log (docs/runbook.md lists these lines) ----------
+
+
+def test_the_log_tells_a_workers_life_as_the_runbook_shows_it() -> None:
+    async def scenario(h: Harness) -> list[tuple[str, str]]:
+        h.launcher.fail_next(OSError("fork server gone"))
+        instance, pool = make(h, restart=Restart.ALWAYS, max_inflight=5)
+        await instance.start()  # cannot start: BACKOFF, then a launch that works
+        await wait_until(lambda: h.launcher.processes, "the restart")
+        first = h.process(instance)
+        first.say({"type": "ack", "id": 1}, {"type": "ready"})
+        assert first.protocol is not None
+        first.protocol.data_received(b"\0\0\0\1\7")  # a frame holding 7
+        first.say({"type": "ack", "ids": 5})
+        first.say({"type": "what?"})
+        first.publish("", "no channel")
+        instance.deliver(Delivery(1, "main", "a"))
+        instance.deliver(Delivery(2, "main", "b"))
+        first.exit(1)  # soon after ready: a fast failure too
+        await wait_until(lambda: len(h.launcher.processes) == 2, "the restart")
+        second = h.process(instance)
+        second.exit(1)  # before ready
+        await wait_until(lambda: instance.state is S.FATAL, "FATAL")
+        assert pool.requeues == [([1, 2], S.BACKOFF)]
+        instance.reset()
+        await instance.start()
+        third = h.process(instance)
+        third.ready()
+        third.auto_exit = False
+        await instance.stop(timeout=0.02)
+        await instance.start()
+        fourth = h.process(instance)
+        fourth.ready()
+        assert fourth.protocol is not None
+        fourth.protocol.data_received(b"\xff\xff\xff\xff")
+        await wait_until(lambda: instance.state is not S.RUNNING, "the exit")
+        await instance.stop()
+        pids = [p.pid for p in (first, second, third, fourth)]
+        # Named by their order: P1 is the first worker's PID.
+        lines = []
+        for level, line in log.lines:
+            for i, pid in enumerate(pids, 1):
+                line = line.replace(f"PID {pid}", f"PID P{i}")
+            lines.append((level, line))
+        return lines
+
+    with busd_log() as log:
+        lines = run(scenario, timing=FAST._replace(max_fast_failures=3))
+    assert lines == [
+        ("ERROR", "b:0: cannot start: fork server gone"),
+        ("INFO", "b:0: started, PID P1"),
+        (
+            "ERROR",
+            "b:0 (PID P1): unreadable frame ignored: "
+            "frame must hold a msgpack map, got int",
+        ),
+        ("WARNING", "b:0 (PID P1): ignoring an ack whose 'ids' is not a list"),
+        ("WARNING", "b:0 (PID P1): ignoring a frame of unknown type 'what?'"),
+        ("WARNING", "b:0 (PID P1): publish without a channel name ignored"),
+        ("ERROR", "b:0 (PID P1): exited unexpectedly (exit status 1)"),
+        ("WARNING", "b:0: 2 unacknowledged messages go to another instance"),
+        ("INFO", "b:0: started, PID P2"),
+        (
+            "ERROR",
+            "b:0 (PID P2): exited unexpectedly (exit status 1) before it was ready",
+        ),
+        (
+            "ERROR",
+            "b:0: FATAL after 3 fast failures in a row; `busctl start b:0` tries again",
+        ),
+        ("INFO", "b:0: started, PID P3"),
+        (
+            "WARNING",
+            "b:0 (PID P3): still running after the stop request; sending SIGTERM",
+        ),
+        ("INFO", "b:0 (PID P3): stopped (killed by SIGTERM)"),
+        ("INFO", "b:0: started, PID P4"),
+        (
+            "ERROR",
+            "b:0 (PID P4): broken frame, stopping it: frame of 4294967295 "
+            f"bytes is over the maximum of {WORKER_MAX_FRAME} bytes",
+        ),
+        ("ERROR", "b:0 (PID P4): exited unexpectedly (killed by SIGKILL)"),
+    ]
+
+
+def test_ack_timeout_is_logged_with_the_message_and_the_limit() -> None:
+    async def scenario(h: Harness) -> int:
+        instance, _ = await running(h, ack_timeout=2.5)
+        delivery = Delivery(7, "main", "a")
+        instance.deliver(delivery)
+        instance.check_ack_timeout(delivery.sent_at + 3)
+        return h.process(instance).pid
+
+    with busd_log() as log:
+        pid = run(scenario)
+    assert (
+        "ERROR",
+        f"b:0 (PID {pid}): message 7 not acknowledged within 2.5 s (ack_timeout); "
+        "the worker is taken as hung and killed",
+    ) in log.lines
+
+
+# -- what the state answer reads ------------------------------------------------------
+
+
+def test_an_instance_reports_only_what_it_has_had() -> None:
+    async def scenario(h: Harness) -> None:
+        instance, _ = make(h)
+        # Never started: no PID, no exit (null in `busctl state --json`).
+        assert (instance.pid, instance.last_exit) == (None, None)
+        assert str(instance) == "b:0"
+        before = time.time()
+        await instance.start()
+        assert instance.started_at is not None
+        assert before <= instance.started_at <= time.time()
+        h.process(instance).ready()
+        await instance.stop()
+        assert str(instance) == "b:0"  # no PID once it is gone
+        # A change made without a reason announces none.
+        assert [r for _, _, new, r in h.transitions if new is not S.STOPPED] == [
+            "",
+            "",
+            "",
+        ]
+
+    run(scenario)
+
+
+def test_a_nack_without_an_error_reports_an_empty_one() -> None:
+    async def scenario(h: Harness) -> None:
+        instance, pool = await running(h)
+        instance.deliver(Delivery(8, "main", "m"))
+        h.process(instance).say({"type": "nack", "id": 8})
+        assert pool.nacks == [(8, "")]
+
+    run(scenario)
+
+
+def test_stderr_lines_keep_their_text_and_replace_undecodable_bytes() -> None:
+    async def scenario(h: Harness) -> None:
+        instance, _ = await running(h)
+        process = h.process(instance)
+        assert process.stderr is not None
+        process.stderr.feed_data(b"  indented\t \nlatin-1 caf\xe9\nends in X\n")
+        process.exit(0)
+        await wait_until(lambda: len(h.log_lines) == 3, "three lines")
+        assert [line for _, _, line in h.log_lines] == [
+            "  indented\t ",
+            "latin-1 caf\ufffd",
+            "ends in X",
+        ]
+
+    run(scenario)
+
+
+# -- writing to a worker that is gone ------------------------------------------------
+
+
+def test_deliveries_queued_for_a_worker_that_died_meanwhile_are_not_written() -> None:
+    async def scenario(h: Harness) -> None:
+        h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
+        instance, pool = await running(h, max_inflight=5)
+        process = h.process(instance)
+        with h.outbox.hold():  # the write comes at the end of this read
+            instance.deliver(Delivery(1, "main", "a"))
+            process.exit(1)
+            await wait_until(lambda: pool.requeues, "the requeue")
+        assert process.frames() == []
+        assert pool.requeues == [([1], S.BACKOFF)]
+        await instance.stop()
+
+    run(scenario)
+
+
+class BrokenStdin:
+    """A worker's stdin whose other end is gone: every write raises."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        raise self.error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    "error", [BrokenPipeError(32, "Broken pipe"), RuntimeError("handler is closed")]
+)
+def test_a_broken_stdin_neither_raises_nor_loses_the_messages(error: Exception) -> None:
+    async def scenario(h: Harness) -> None:
+        instance, pool = await running(h, max_inflight=5)
+        process = h.process(instance)
+        process.stdin = BrokenStdin(error)  # type: ignore[assignment]
+        instance.deliver(Delivery(1, "main", "a"))
+        instance.write_queued()  # as the outbox does
+        assert list(instance.inflight) == [1]
+        await instance.stop(timeout=0.02)  # the stop frame cannot go either
+        assert process.signals == [signal.SIGTERM]
+        assert instance.state is S.STOPPED
+        assert pool.requeues == [([1], S.STOPPING)]
+
+    run(scenario)
+
+
+def test_a_worker_gone_before_its_signal_is_no_error() -> None:
+    async def scenario(h: Harness) -> None:
+        h.launcher.auto_exit = False
+        instance, _ = await running(h)
+        process = h.process(instance)
+
+        def vanished(signum: int) -> None:
+            process.signals.append(signum)
+            process.exit(-signum)
+            raise ProcessLookupError(3, "No such process")
+
+        process.send_signal = vanished  # type: ignore[method-assign]
+        await instance.stop(timeout=0.02)
+        assert process.signals == [signal.SIGTERM]
+        assert instance.state is S.STOPPED
+
+    run(scenario)
+
+
+def test_a_stop_that_times_out_during_the_launch_signals_nothing() -> None:
+    async def scenario(h: Harness) -> None:
+        gate = h.launcher.gate()
+        instance, _ = make(h)
+        start = asyncio.create_task(instance.start())
+        await wait_until(lambda: h.launcher.calls, "the launch")
+        stop = asyncio.create_task(instance.stop(timeout=0.01))
+        await after_timers(0.02)  # both of the stop's deadlines passed
+        assert not stop.done()  # it waits for the worker that is coming
+        gate.set_result(None)
+        await start
+        await stop
+        assert instance.state is S.STOPPED
+        assert h.process(instance).stop_requested
+
+    run(scenario)
+
+
+# -- backoff, reset and the stop's deadlines ------------------------------------------
+
+
+def test_a_stopped_instance_starts_again_after_a_cancelled_backoff() -> None:
+    async def scenario(h: Harness) -> None:
+        h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
+        instance, _ = await running(h)
+        h.process(instance).exit(1)
+        await wait_until(lambda: instance.state is S.BACKOFF, "BACKOFF")
+        await instance.stop()
+        await instance.start()
+        h.process(instance).exit(1)
+        await wait_until(lambda: instance.state is S.BACKOFF, "BACKOFF again")
+        await instance.stop()
+        await instance.start()
+        assert instance.state is S.STARTING
+
+    run(scenario)
+
+
+def test_reset_starts_a_new_series_from_the_first_backoff_delay() -> None:
+    async def scenario(h: Harness) -> None:
+        instance, _ = make(h)
+        await instance.start()
+        for _ in range(2):
+            h.launcher.processes[-1].exit(1)
+            await wait_until(lambda: instance.state is not S.STARTING, "the exit")
+            await wait_until(lambda: instance.state is not S.BACKOFF, "the restart")
+        assert instance.state is S.FATAL
+        instance.reset()
+        await instance.start()
+        h.process(instance).exit(1)
+        await wait_until(lambda: instance.state is S.BACKOFF, "BACKOFF")
+        assert instance.fast_failures == 1
+        assert h.reasons("b:0", S.BACKOFF)[-1] == "restarting in 0.001 s"
+        await instance.stop()
+
+    run(scenario, timing=FAST._replace(max_fast_failures=2))
+
+
+def test_sigterm_comes_half_way_through_the_stop_timeout_and_sigkill_at_its_end():
+    timeout = 0.4
+
+    async def scenario(h: Harness) -> list[float]:
+        h.launcher.auto_exit = False
+        h.launcher.ignore = {signal.SIGTERM}
+        # The config's stop_timeout is far longer: the argument counts.
+        instance, _ = await running(h, stop_timeout=60.0)
+        process = h.process(instance)
+        loop = asyncio.get_running_loop()
+        sent: list[float] = []
+        signal_worker = process.send_signal
+
+        def send_signal(signum: int) -> None:
+            sent.append(loop.time() - began)
+            signal_worker(signum)
+
+        process.send_signal = send_signal  # type: ignore[method-assign]
+        began = loop.time()
+        await instance.stop(timeout=timeout)
+        assert process.signals == [signal.SIGTERM, signal.SIGKILL]
+        return sent
+
+    sigterm, sigkill = run(scenario)
+    # Timers never fire early; a loaded machine may make them late.
+    assert timeout / 2 - 0.005 <= sigterm < sigkill
+    assert timeout - 0.005 <= sigkill < 2 * timeout

@@ -99,6 +99,9 @@ def test_a_channel_without_routes_is_unrouted_or_with_strict_channels_refused():
     }
     assert (lax.published, lax.unrouted) == (1, 1)
     assert called == []  # the caller answers at once
+    lax.publish("nowhere", "again")
+    lax.publish("main", "routed")
+    assert (lax.published, lax.unrouted) == (3, 2)
     with pytest.raises(ProtocolError) as refusal:
         strict.publish("nowhere", "m")
     assert refusal.value.code == ErrorCode.UNKNOWN_CHANNEL
@@ -120,6 +123,26 @@ def test_subscribers_hear_the_channels_messages_until_they_unsubscribe() -> None
     router.unsubscribe("news", listen)  # twice is harmless
     assert router.publish("news", "gone")["subscribers"] == 0
     assert heard == [("news", "hi")]
+
+
+def test_one_subscriber_leaving_does_not_silence_the_others() -> None:
+    router = Router()
+    heard: list[tuple[str, Any]] = []
+
+    def first(channel: str, message: Any) -> None:
+        heard.append(("first", message))
+
+    def second(channel: str, message: Any) -> None:
+        heard.append(("second", message))
+
+    router.subscribe("news", first)
+    router.subscribe("news", second)
+    assert router.publish("news", 1)["subscribers"] == 2
+    router.unsubscribe("news", first)
+    assert router.publish("news", 2)["subscribers"] == 1
+    router.unsubscribe("news", second)
+    assert router.publish("news", 3)["subscribers"] == 0
+    assert heard == [("first", 1), ("second", 1), ("second", 2)]
 
 
 def test_set_routes_merges_sources_and_replaces_one_source_at_a_time() -> None:
@@ -189,9 +212,18 @@ def test_a_dead_letter_that_cannot_be_queued_is_logged_not_raised(
     with caplog.at_level(logging.ERROR, logger="busd"):
         router.settle("jobs", jobs.accepted[0], "dead", "e")
     assert grave.accepted == []
-    assert "Dead letter 1 could not be queued (grave is full; try again later)" in (
-        caplog.text
-    )
+    letter = {
+        "broker": "jobs",
+        "id": 1,
+        "channel": "main",
+        "message": "m",
+        "attempts": 0,
+        "errors": [],
+    }
+    assert caplog.messages == [
+        "Dead letter 1 could not be queued (grave is full; try again later); "
+        f"it stays in this log: {letter!r}"
+    ]
     # strict_channels and no route on "dead": logged too.
     router.set_routes("local", [jobs])
     router.publish("main", "n")
@@ -213,8 +245,10 @@ def test_a_workers_publish_on_a_bad_channel_or_when_busy_is_logged_not_raised(
         out.busy = "full"
         router.publish_from_worker("b:0 (PID 9)", "out", "m")
     assert out.accepted == [] and router.published == 0
-    assert "b:0 (PID 9): its publish on 'not a name!' was refused" in caplog.text
-    assert "'not a name!' is not a channel name" in caplog.text
+    assert caplog.messages[0] == (
+        "b:0 (PID 9): its publish on 'not a name!' was refused: "
+        "'not a name!' is not a channel name"
+    )
     assert "its publish on 'elsewhere' was refused: no broker listens" in caplog.text
     assert "its publish on 'out' was refused: full; try again later" in caplog.text
     out.busy = None
@@ -240,7 +274,10 @@ def test_publish_is_spooled_and_each_settlement_recorded(tmp_path: Path) -> None
     try:
         assert list(again.pending) == [2]
         assert again.pending[2].brokers == {"b"}
-        assert again.pending[2].message == {"n": 2}
+        assert (again.pending[2].channel, again.pending[2].message) == (
+            "main",
+            {"n": 2},
+        )
     finally:
         again.close()
 
@@ -277,12 +314,15 @@ def test_an_unsettled_message_is_restored_flagged_on_the_first_set_routes(
     a, b = FakeRoute("a", "main"), FakeRoute("b", "main")
     with caplog.at_level(logging.ERROR, logger="busd"):
         router.set_routes("local", [a, b])
-    assert [(d.id, d.message, d.redelivered) for d in a.restored] == [
-        (4, "four", True),
-        (5, "five", True),
+    assert [(d.id, d.channel, d.message, d.redelivered) for d in a.restored] == [
+        (4, "main", "four", True),
+        (5, "main", "five", True),
     ]
     assert b.restored == [] and a.accepted == []
-    assert "Spooled message 4 is for broker gone" in caplog.text
+    assert caplog.messages == [
+        "Spooled message 4 is for broker gone, which is no longer configured; "
+        "it stays in the spool"
+    ]
     router.set_routes("local", [a, b])  # once only
     assert len(a.restored) == 2
     assert router.publish("main", "new")["id"] == 7  # after the spool's last
@@ -292,6 +332,41 @@ def test_an_unsettled_message_is_restored_flagged_on_the_first_set_routes(
     try:
         assert again.pending[4].brokers == {"gone"}
         assert sorted(again.pending) == [4, 5, 7]
+    finally:
+        again.close()
+
+
+def test_a_broker_gone_from_the_config_does_not_keep_the_others_waiting(
+    tmp_path: Path,
+) -> None:
+    before = Spool(str(tmp_path))
+    before.accept(1, "main", "one", ["a-gone", "b"])  # the gone one sorts first
+    before.accept(2, "main", "two", ["a-gone", "b"])
+    before.close()
+    router = Router()
+    router.use_spool(Spool(str(tmp_path)))
+    b = FakeRoute("b", "main")
+    router.set_routes("local", [b])
+    assert ids(b.restored) == [1, 2]
+    router.close_spool()
+
+
+def test_closing_the_spool_is_final_and_harmless_twice(tmp_path: Path) -> None:
+    Router().close_spool()  # no spool: nothing to do
+    router = Router()
+    router.use_spool(Spool(str(tmp_path)))
+    a = FakeRoute("a", "main")
+    router.set_routes("local", [a])
+    router.publish("main", "spooled")
+    router.close_spool()
+    router.close_spool()
+    # Closed means closed: a publish after it (during the stop) is not spooled.
+    assert router.publish("main", "late")["id"] == 2
+    router.settle("a", a.accepted[0], "acked", "")
+    assert ids(a.accepted) == [1, 2]
+    again = Spool(str(tmp_path))
+    try:
+        assert sorted(again.pending) == [1]
     finally:
         again.close()
 

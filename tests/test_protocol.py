@@ -8,11 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from busd.protocol import (
+    MAX_CHANNEL_LENGTH,
     ErrorCode,
     FrameDecoder,
+    FrameEncoder,
     ProtocolError,
     encode_frame,
     error_reply,
+    is_channel_name,
     ok_reply,
     parse_request,
 )
@@ -76,23 +79,46 @@ def test_oversized_header_is_refused_before_the_body():
     assert "over the maximum of 1024 bytes" in info.value.message
 
 
-def test_encode_refuses_what_the_peer_would_refuse():
+def with_encoder(message, max_frame):
+    """FrameEncoder, the hot paths' (and busctl.Client's) encode_frame."""
+    return FrameEncoder(max_frame)(message)
+
+
+@pytest.mark.parametrize("encode", [encode_frame, with_encoder])
+def test_encode_refuses_what_the_peer_would_refuse(encode):
+    body = msgpack.packb({"blob": b"x" * 2000})
     with pytest.raises(ProtocolError) as info:
-        encode_frame({"blob": b"x" * 2000}, max_frame=1024)
+        encode({"blob": b"x" * 2000}, max_frame=len(body) - 1)
     assert info.value.code is ErrorCode.TOO_LARGE
+    assert info.value.message == (
+        f"frame of {len(body)} bytes is over the maximum of {len(body) - 1} bytes"
+    )
+    # A frame of exactly the maximum is fine, and the decoder agrees.
+    frame = encode({"blob": b"x" * 2000}, max_frame=len(body))
+    assert FrameDecoder(max_frame=len(body)).feed(frame) == [{"blob": b"x" * 2000}]
+
+
+def test_frame_encoder_keeps_bytes_and_strings_apart():
+    message = {"bytes": b"\xff\x00", "text": "été", "nested": [b"a", "a"]}
+    frame = FrameEncoder()(message)
+    assert frame == encode_frame(message)
+    assert FrameDecoder().feed(frame) == [message]
 
 
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (msgpack.packb([1, 2]), "must hold a msgpack map, got list"),
-        (msgpack.packb(7), "must hold a msgpack map, got int"),
-        (b"\xc1", "not valid msgpack"),
-        (b"\x92\x01", "not valid msgpack"),
-        (b"\x81\xa1a\xa2\xff\xfe", "not valid UTF-8"),
-        (b"\x91" * 5000 + b"\xc0", "nested too deeply"),
-        (msgpack.packb({}) + msgpack.packb({}), "more than one msgpack value"),
-        (msgpack.packb({1: 2}), "not valid msgpack"),
+        (msgpack.packb([1, 2]), "frame must hold a msgpack map, got list"),
+        (msgpack.packb(7), "frame must hold a msgpack map, got int"),
+        (b"\xc1", "frame is not valid msgpack ("),
+        (b"\x92\x01", "frame is not valid msgpack ("),
+        (b"\x81\xa1a\xa2\xff\xfe", "frame holds a string that is not valid UTF-8"),
+        (b"\x91" * 5000 + b"\xc0", "frame is nested too deeply"),
+        (
+            msgpack.packb({}) + msgpack.packb({}),
+            "frame holds more than one msgpack value",
+        ),
+        (msgpack.packb({1: 2}), "frame is not valid msgpack ("),
     ],
 )
 def test_bad_bodies_are_reported_in_place_and_decoding_goes_on(body, expected):
@@ -102,7 +128,12 @@ def test_bad_bodies_are_reported_in_place_and_decoding_goes_on(body, expected):
     assert len(out) == 2
     assert isinstance(out[0], ProtocolError)
     assert out[0].code is ErrorCode.BAD_REQUEST
-    assert expected in out[0].message
+    assert not out[0].fatal
+    # The client reads this message in its bad_request answer.
+    if expected.endswith("("):
+        assert out[0].message.startswith(expected)
+    else:
+        assert out[0].message == expected
     assert out[1] == {"id": 2, "op": "ping"}
 
 
@@ -125,6 +156,8 @@ def test_parse_request_splits_envelope_and_arguments():
         {"channel": "main"},
     )
     assert parse_request({"id": "abc", "op": "ping"}) == ("abc", "ping", {})
+    # At most 64 characters each (docs/protocol.md): 64 is fine.
+    assert parse_request({"id": "i" * 64, "op": "o" * 64}) == ("i" * 64, "o" * 64, {})
 
 
 @pytest.mark.parametrize(
@@ -137,6 +170,7 @@ def test_parse_request_splits_envelope_and_arguments():
         ({"id": 1}, "'op' must be a non-empty string, got nothing"),
         ({"id": 1, "op": ""}, "'op' must be a non-empty string"),
         ({"id": 1, "op": 3}, "got int"),
+        ({"id": 1, "op": "o" * 65}, "'op' must be a non-empty string, got str"),
     ],
 )
 def test_parse_request_names_the_faulty_field(message, expected):
@@ -157,3 +191,31 @@ def test_replies_have_the_documented_shape():
         "ok": False,
         "error": {"code": "busy", "message": "queue full"},
     }
+
+
+def test_oversized_header_is_refused_one_byte_over_the_maximum_only():
+    body = msgpack.packb({"k": "v" * 20})
+    frame = struct.pack(">I", len(body)) + body
+    assert FrameDecoder(max_frame=len(body)).feed(frame) == [{"k": "v" * 20}]
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(max_frame=len(body) - 1).feed(frame)
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("m", True),
+        ("main", True),
+        ("orders.eu-west_2", True),
+        ("x" * MAX_CHANNEL_LENGTH, True),
+        ("", False),
+        ("x" * (MAX_CHANNEL_LENGTH + 1), False),
+        ("with space", False),
+        ("caf\u00e9", False),
+        (b"main", False),
+        (None, False),
+    ],
+)
+def test_channel_names_are_1_to_64_letters_digits_dashes_underscores_dots(name, valid):
+    assert is_channel_name(name) is valid

@@ -1,20 +1,29 @@
-"""The spool: accepted messages survive kill -9 of busd."""
+"""The spool: accepted messages survive kill -9 of busd.
+
+The first tests use a Spool in-process; the ones marked ``daemon`` (they
+use the start_busd fixture) kill a real busd.
+"""
 
 import errno
 import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgpack
 import pytest
+from core_fakes import busd_log
 from helpers import broker, gone, records, rows, wait_for
 
+import busd.spool as spool_module
 from busctl.client import BusError
 from busd.protocol import encode_frame
-from busd.spool import SPOOL_FILE, Spool, SpoolError
+from busd.spool import COMPACT_BYTES, FSYNC_INTERVAL, SPOOL_FILE, Spool, SpoolError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -62,15 +71,257 @@ def test_reopening_compacts_settled_records_away(tmp_path):
     again.close()
 
 
-def test_a_full_disk_refuses_instead_of_accepting(tmp_path):
-    spool = Spool(str(tmp_path))
-    # /dev/full answers every write with ENOSPC, like a full file system.
+def fill_the_disk(spool):
+    """/dev/full answers every write with ENOSPC, like a full file system."""
     os.close(spool._fd)
     spool._fd = os.open("/dev/full", os.O_WRONLY)
+
+
+def test_a_full_disk_refuses_instead_of_accepting(tmp_path):
+    spool = Spool(str(tmp_path))
+    fill_the_disk(spool)
     with pytest.raises(SpoolError) as info:
         spool.accept(1, "main", "lost?", ["orders"])
-    assert os.strerror(errno.ENOSPC) in str(info.value)
+    assert str(info.value) == (
+        f"cannot write the spool {spool.path}: {os.strerror(errno.ENOSPC)}"
+    )
     assert spool.pending == {}
+
+
+def test_a_settlement_that_cannot_be_recorded_is_logged_and_kept_pending(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(3, "main", "m", ["orders"])
+    fill_the_disk(spool)
+    with busd_log() as log:
+        spool.settle(3, "orders")  # not fatal: delivered once more, at worst
+    assert log.lines == [
+        (
+            "ERROR",
+            "Spool: cannot record that message 3 is done: cannot write the spool "
+            f"{spool.path}: {os.strerror(errno.ENOSPC)}",
+        )
+    ]
+    assert spool.pending[3].brokers == {"orders"}
+
+
+def test_settling_what_the_spool_does_not_hold_changes_nothing(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "m", ["orders", "audit"])
+    size = (tmp_path / SPOOL_FILE).stat().st_size
+    spool.settle(2, "orders")  # no such message
+    spool.settle(1, "billing")  # not one of its brokers
+    assert (tmp_path / SPOOL_FILE).stat().st_size == size
+    spool.settle(1, "orders")
+    assert spool.pending[1].brokers == {"audit"}
+    spool.settle(1, "audit")
+    assert spool.pending == {}
+    spool.close()
+
+
+def test_a_closed_spool_refuses_and_closing_twice_is_harmless(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.close()
+    spool.close()
+    with pytest.raises(SpoolError) as info:
+        spool.accept(1, "main", "m", ["orders"])
+    assert str(info.value) == f"the spool {spool.path} is closed"
+
+
+def test_an_unknown_fsync_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError) as info:
+        Spool(str(tmp_path), fsync="sometimes")
+    assert str(info.value) == (
+        "spool fsync must be one of ('always', 'interval', 'never'), got 'sometimes'"
+    )
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """The descriptors os.fsync is called on, from now on."""
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", fsync)
+    return calls
+
+
+@pytest.mark.parametrize(("mode", "synced"), [("always", 3), ("never", 0)])
+def test_fsync_always_syncs_each_record_and_never_none(tmp_path, fsyncs, mode, synced):
+    spool = Spool(str(tmp_path), fsync=mode)
+    fsyncs.clear()
+    spool.accept(1, "main", "a", ["orders"])
+    spool.accept(2, "main", "b", ["orders"])
+    spool.settle(1, "orders")
+    assert fsyncs == [spool._fd] * synced
+    spool.close()
+
+
+def test_fsync_interval_syncs_at_most_every_interval(tmp_path, fsyncs, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(spool_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    spool = Spool(str(tmp_path), fsync="interval")
+    fsyncs.clear()
+    synced = []
+    for step in (0, 0.01, 0.02, FSYNC_INTERVAL, 0.01, FSYNC_INTERVAL + 0.01):
+        now[0] += step
+        spool.accept(len(synced) + 1, "main", "m", ["orders"])
+        synced.append(len(fsyncs))
+    # The first write syncs; then one sync per FSYNC_INTERVAL at most.
+    assert synced == [1, 1, 1, 2, 2, 3]
+    spool.close()
+
+
+def test_the_spool_is_for_busd_and_its_group_only(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        directory = tmp_path / "new"
+        spool = Spool(str(directory))
+        spool.accept(1, "main", "m", ["orders"])
+        spool.close()
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o750
+        assert stat.S_IMODE((directory / SPOOL_FILE).stat().st_mode) == 0o640
+        # Reopening rewrites the file (compaction): the mode stays.
+        Spool(str(directory)).close()
+        assert stat.S_IMODE((directory / SPOOL_FILE).stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_loading_logs_torn_and_unreadable_records_and_what_is_pending(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.accept(2, "main", "settled", ["orders"])
+    spool.settle(2, "orders")
+    spool.close()
+    with open(tmp_path / SPOOL_FILE, "ab") as file:
+        body = msgpack.packb([1, 2])  # a frame, but not a map
+        file.write(struct.pack(">I", len(body)) + body)
+        file.write(struct.pack(">I", 100) + b"\x85half")  # busd died mid-write
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    path = again.path
+    # A record that is not ours is skipped, the torn end ignored, and the
+    # damaged file kept aside before the compaction rewrites it.
+    *lines, (level, kept), pending = log.lines
+    assert lines == [
+        (
+            "WARNING",
+            f"Spool {path}: unreadable record skipped: "
+            "frame must hold a msgpack map, got list",
+        ),
+        (
+            "WARNING",
+            f"Spool {path} ends with a torn record (9 bytes; busd died while "
+            "writing it): ignored",
+        ),
+    ]
+    assert level == "ERROR"
+    assert kept.startswith(
+        f"Spool {path} was damaged; the file as it was is kept as {path}.damaged-"
+    )
+    assert pending == ("INFO", f"Spool {path}: 1 messages to deliver again")
+    [entry] = again.pending.values()
+    assert (entry.id, entry.channel, entry.message, entry.brokers) == (
+        1,
+        "main",
+        "kept",
+        {"orders"},
+    )
+    assert again.last_id == 2
+    again.close()
+
+
+def test_a_record_claiming_over_2_gib_is_damage_the_records_before_it_kept(
+    tmp_path,
+):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "m", ["orders"])
+    spool.close()
+    size = (tmp_path / SPOOL_FILE).stat().st_size
+    with open(tmp_path / SPOOL_FILE, "ab") as file:
+        file.write(struct.pack(">I", (1 << 31) + 1) + b"garbage")
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    path = again.path
+    assert log.lines[0] == (
+        "ERROR",
+        f"Spool {path} is unreadable from byte {size} on (a record of "
+        f"{(1 << 31) + 1} bytes announced, 7 bytes left); the records before "
+        "it are kept",
+    )
+    assert [e.message for e in again.pending.values()] == ["m"]
+    assert list(tmp_path.glob(f"{SPOOL_FILE}.damaged-*"))
+    again.close()
+
+
+def big_messages(count):
+    """Messages enough to take the spool file past COMPACT_BYTES."""
+    size = 2 * COMPACT_BYTES // count
+    return [f"{i:08}".ljust(size, "x") for i in range(count)]
+
+
+def test_a_spool_mostly_settled_is_compacted_while_busd_runs(tmp_path):
+    spool = Spool(str(tmp_path), fsync="never")
+    spool.accept(1, "main", "never settled", ["slow"])
+    biggest = 0
+    for message_id, message in enumerate(big_messages(200), start=2):
+        spool.accept(message_id, "main", message, ["fast"])
+        spool.settle(message_id, "fast")
+        biggest = max(biggest, (tmp_path / SPOOL_FILE).stat().st_size)
+    # Rewritten as it went: never far past COMPACT_BYTES, though 2 x that
+    # was written, and the message still pending kept the file from emptying.
+    assert biggest < COMPACT_BYTES + 2 * COMPACT_BYTES // 200
+    assert (tmp_path / SPOOL_FILE).stat().st_size < COMPACT_BYTES
+    # Records appended after a compaction land in the new file.
+    spool.accept(500, "other", {"after": True}, ["fast", "slow"])
+    spool.settle(500, "fast")
+    spool.close()
+    again = Spool(str(tmp_path))
+    assert {i: (e.channel, e.message, e.brokers) for i, e in again.pending.items()} == {
+        1: ("main", "never settled", {"slow"}),
+        500: ("other", {"after": True}, {"slow"}),
+    }
+    assert again.last_id == 500
+    again.close()
+
+
+def test_a_compaction_that_fails_leaves_the_spool_as_it_was(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path), fsync="never")
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.close()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(spool_module.os, "fsync", full)
+    with busd_log() as log:
+        again = Spool(str(tmp_path), fsync="never")  # compacts: fails
+    assert log.lines[-1] == (
+        "WARNING",
+        f"Spool {again.path}: cannot compact it (No space left on device); "
+        "keeping it as it is",
+    )
+    assert sorted(os.listdir(tmp_path)) == [SPOOL_FILE]  # no half-written copy
+    again.accept(2, "main", "appended", ["orders"])
+    monkeypatch.undo()
+    again.close()
+    assert sorted(Spool(str(tmp_path)).pending) == [1, 2]
+
+
+def test_a_compaction_whose_copy_cannot_be_made_or_removed_goes_on(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.close()
+    (tmp_path / (SPOOL_FILE + ".new")).mkdir()  # in the way, and not a file
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    assert "cannot compact it (Is a directory)" in log.lines[-1][1]
+    assert sorted(again.pending) == [1]
+    again.close()
 
 
 def broker_config(tmp_path, handler, record):

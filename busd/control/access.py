@@ -81,8 +81,10 @@ def access_policy(config: Config) -> AccessPolicy:
 
 def peer_of(sock: socket.socket) -> Peer:
     """The credentials of the process at the other end of ``sock``."""
+    # struct ucred: pid_t (signed), uid_t and gid_t (unsigned: a uid may be
+    # 2**31 or more, in a user namespace's range say).
     pid, uid, gid = struct.unpack(
-        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        "iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
     )
     try:
         # 1024 bytes (256 groups) is the most CPython's getsockopt() takes: a
