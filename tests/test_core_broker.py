@@ -561,3 +561,44 @@ def test_retries_and_deaths_are_logged_as_the_runbook_shows_them() -> None:
             f"not acknowledged within 5 s by b:0 (PID {second})",
         ),
     ]
+
+
+# -- a broker going away -------------------------------------------------------------
+
+
+def test_abandon_settles_every_queued_message_dead_with_the_error() -> None:
+    """A broker removed by a reload strands nothing: what it still holds,
+    queued or handed back by its stopped instances, is settled dead."""
+
+    async def scenario(h: Harness) -> None:
+        broker = await h.running_broker(broker_config(max_inflight=1))
+        outcomes: list[str] = []
+        accept(broker, 1, 2, 3, outcomes=outcomes)
+        await delivered(h.launcher.current("b", 0), 1)
+        await broker.stop()  # 1 comes back to the head of the queue
+        assert queued(broker) == [1, 2, 3]
+        assert broker.abandon("broker b was removed from the config") == 3
+        assert h.settled == [
+            ("b", i, "dead", "broker b was removed from the config") for i in (1, 2, 3)
+        ]
+        assert outcomes == ["dead", "dead", "dead"]
+        assert queued(broker) == []
+        assert broker.dead == 3
+        assert broker.abandon("again") == 0  # nothing settled twice
+        assert len(h.settled) == 3
+
+    run(scenario)
+
+
+def test_abandon_records_the_error_on_each_message() -> None:
+    async def scenario(h: Harness) -> None:
+        broker = Broker(broker_config(), h.services)
+        first, second = Delivery(1, "main", "a"), Delivery(2, "main", "b")
+        first.errors.append("earlier")
+        broker.accept(first)
+        broker.accept(second)
+        assert broker.abandon("gone") == 2
+        assert first.errors == ["earlier", "gone"]
+        assert second.errors == ["gone"]
+
+    run(scenario)

@@ -258,6 +258,91 @@ def test_a_record_claiming_over_2_gib_is_damage_the_records_before_it_kept(
     again.close()
 
 
+def append_records(path, *records):
+    """Write ``records`` at the end of the spool file, as busd frames them."""
+    with open(path, "ab") as file:
+        for record in records:
+            file.write(encode_frame(record))
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"a": "1", "c": "main", "m": "x", "b": ["orders"]},  # id not an int
+        {"a": True, "c": "main", "m": "x", "b": ["orders"]},  # a bool is no id
+        {"a": 9, "c": 7, "m": "x", "b": ["orders"]},  # channel not a string
+        {"a": 9, "c": "main", "b": ["orders"]},  # no message
+        {"a": 9, "c": "main", "m": "x", "b": "orders"},  # brokers not a list
+        {"a": 9, "c": "main", "m": "x", "b": ["orders", 3]},  # a broker not a str
+        {"s": 1, "b": 3},  # a settlement whose broker is not a string
+        {"s": "1", "b": "orders"},  # a settlement whose id is not an int
+        {"last": "9"},  # a last id that is not one
+        {"x": 1},  # none of ours
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_skipped_and_kept_aside(tmp_path, record):
+    """A record busd did not write changes nothing it holds: the messages
+    before and after it are read, and the damaged file is kept."""
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "before", ["orders"])
+    spool.close()
+    append_records(
+        tmp_path / SPOOL_FILE,
+        record,
+        {"a": 2, "c": "main", "m": "after", "b": ["orders"]},
+    )
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    assert {e.id: e.message for e in again.pending.values()} == {
+        1: "before",
+        2: "after",
+    }
+    assert again.last_id == 2
+    levels = [level for level, line in log.lines if "not a spool record" in line]
+    assert levels == ["WARNING"]
+    assert any("was damaged; the file as it was is kept" in t for _, t in log.lines)
+    [copy] = tmp_path.glob(f"{SPOOL_FILE}.damaged-*")
+    assert encode_frame(record) in copy.read_bytes()
+    again.close()
+
+
+def test_a_settlement_and_a_last_id_are_read_as_such(tmp_path):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "one", ["a", "b"])
+    spool.close()
+    append_records(tmp_path / SPOOL_FILE, {"s": 1, "b": "a"}, {"last": 7})
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    [entry] = again.pending.values()
+    assert entry.brokers == {"b"}  # settled by a, still owed to b
+    assert again.last_id == 7
+    assert not list(tmp_path.glob(f"{SPOOL_FILE}.damaged-*"))
+    assert all(level == "INFO" for level, _ in log.lines)
+    again.close()
+
+
+def test_a_damaged_spool_whose_copy_cannot_be_made_says_so(tmp_path, monkeypatch):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.close()
+    append_records(tmp_path / SPOOL_FILE, {"x": 1})
+
+    def refuse(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(spool_module.shutil, "copyfile", refuse)
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    path = again.path
+    assert (
+        "ERROR",
+        f"Spool {path}: cannot keep a copy of the damaged file: Permission denied",
+    ) in log.lines
+    assert not any("was damaged" in line for _, line in log.lines)
+    assert [e.message for e in again.pending.values()] == ["kept"]
+    again.close()
+
+
 def big_messages(count):
     """Messages enough to take the spool file past COMPACT_BYTES."""
     size = 2 * COMPACT_BYTES // count
