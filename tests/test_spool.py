@@ -32,6 +32,7 @@ def test_pending_messages_survive_reopening(tmp_path):
     spool = Spool(str(tmp_path), fsync="always")
     spool.accept(1, "main", "BUY ABCD 10", ["orders", "audit"])
     spool.accept(2, "main", {"structured": True}, ["orders"])
+    assert spool.last_id == 2  # what a rewrite while busd runs records
     spool.settle(1, "orders")
     spool.settle(2, "orders")
     spool.close()
@@ -303,6 +304,50 @@ def test_a_record_of_the_wrong_shape_is_skipped_and_kept_aside(tmp_path, record)
     assert any("was damaged; the file as it was is kept" in t for _, t in log.lines)
     [copy] = tmp_path.glob(f"{SPOOL_FILE}.damaged-*")
     assert encode_frame(record) in copy.read_bytes()
+    again.close()
+
+
+def test_an_unknown_record_is_named_by_its_first_five_keys(tmp_path):
+    Spool(str(tmp_path)).close()
+    append_records(tmp_path / SPOOL_FILE, {k: 1 for k in "gfedcba"})
+    with busd_log() as log:
+        Spool(str(tmp_path)).close()
+    path = tmp_path / SPOOL_FILE
+    assert log.lines[0] == (
+        "WARNING",
+        f"Spool {path}: unreadable record skipped: not a spool record "
+        "(keys ['a', 'b', 'c', 'd', 'e'])",
+    )
+    [copy] = tmp_path.glob(f"{SPOOL_FILE}.damaged-*")
+    # Named by the time it was found: busd.spool.damaged-YYYYmmddTHHMMSS.
+    assert re.fullmatch(rf"{SPOOL_FILE}\.damaged-\d{{8}}T\d{{6}}", copy.name)
+
+
+@pytest.mark.parametrize(
+    ("length", "after", "damage"),
+    [
+        # A header only: busd died between the header and the body.
+        (10, b"", False),
+        # Exactly the largest record busd reads, its start like a record's.
+        (1 << 31, b"\x85", False),
+        # One byte more is damage, whatever follows.
+        ((1 << 31) + 1, b"\x85", True),
+    ],
+)
+def test_the_end_of_a_spool_is_torn_or_damaged(tmp_path, length, after, damage):
+    spool = Spool(str(tmp_path))
+    spool.accept(1, "main", "kept", ["orders"])
+    spool.close()
+    with open(tmp_path / SPOOL_FILE, "ab") as file:
+        file.write(struct.pack(">I", length) + after)
+    with busd_log() as log:
+        again = Spool(str(tmp_path))
+    assert [e.message for e in again.pending.values()] == ["kept"]
+    levels = {level for level, _ in log.lines}
+    assert ("ERROR" in levels) == damage
+    assert bool(list(tmp_path.glob(f"{SPOOL_FILE}.damaged-*"))) == damage
+    if not damage:
+        assert any("ends with a torn record" in line for _, line in log.lines)
     again.close()
 
 
