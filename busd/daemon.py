@@ -108,6 +108,7 @@ class Daemon:
             self.bus,
             self.router,
             self.supervisor,
+            self.launcher,
             clients=lambda: self.control.clients,
             config_path=config_path,
             socket_path=settings.socket,

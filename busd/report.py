@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from busd.router import Router
     from busd.supervision.broker import Broker
     from busd.supervision.instance import Instance
+    from busd.supervision.launch import WorkerLauncher
     from busd.supervision.supervisor import Supervisor
 
 
@@ -34,6 +35,7 @@ class Report:
         bus: Bus,
         router: Router,
         supervisor: Supervisor,
+        launcher: WorkerLauncher,
         clients: Callable[[], int],
         config_path: str | None,
         socket_path: str,
@@ -41,6 +43,7 @@ class Report:
         self.bus = bus
         self.router = router
         self.supervisor = supervisor
+        self.launcher = launcher
         self.clients = clients
         self.config_path = config_path
         self.socket_path = socket_path
@@ -77,7 +80,7 @@ class Report:
             "uid": os.getuid(),
             "gid": os.getgid(),
             "process": usage,
-            "fork_server": self.supervisor.launcher.fork_server_pid(),
+            "fork_server": self.launcher.fork_server_pid(),
             "clients": self.clients(),
             "published": self.router.published,
             "unrouted": self.router.unrouted,

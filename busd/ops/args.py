@@ -32,7 +32,6 @@ def channel(value: Any, op: str) -> str:
     """``value`` as a channel name (the one rule, busd.protocol)."""
     if not is_channel_name(value):
         raise bad(op, "channel", f"a channel name of {CHANNEL_NAME_RULE}", value)
-    assert isinstance(value, str)
     return value
 
 
