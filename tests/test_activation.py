@@ -8,6 +8,7 @@ fd 3 and LISTEN_PID naming its own PID (a small launcher sets both, then
 execs busd, which keeps the PID). tests/test_systemd.py does the same
 through a real systemd and systemd/busd.socket.
 """
+
 from __future__ import annotations
 
 import contextlib
