@@ -344,7 +344,9 @@ def start_activated(
 
 @pytest.fixture
 def daemons() -> Iterator[list[RunningDaemon]]:
-    """The daemons a test started, killed by PID at its end if still running."""
+    """The daemons a test started, killed by PID at its end if still running.
+    (Its tests are marked ``daemon`` by hand: conftest.py knows only its own
+    fixtures.)"""
     started: list[RunningDaemon] = []
     yield started
     for daemon in started:
@@ -384,6 +386,7 @@ def close_on_exec(pid: int, fd: int) -> bool:
     return bool(int(flags.split()[1], 8) & os.O_CLOEXEC)
 
 
+@pytest.mark.daemon
 def test_busd_serves_the_socket_it_is_given_and_leaves_it_at_exit(
     tmp_path: Path, daemons: list[RunningDaemon]
 ) -> None:
@@ -423,6 +426,7 @@ def test_busd_serves_the_socket_it_is_given_and_leaves_it_at_exit(
             client.connect(str(path))
 
 
+@pytest.mark.daemon
 def test_busd_serves_the_given_socket_when_the_config_names_another(
     tmp_path: Path, daemons: list[RunningDaemon]
 ) -> None:
@@ -443,6 +447,7 @@ def test_busd_serves_the_given_socket_when_the_config_names_another(
         assert daemon.stop() == 0, daemon.log_text()
 
 
+@pytest.mark.daemon
 def test_a_passed_descriptor_that_is_not_a_socket_stops_busd_with_one_line(
     tmp_path: Path, daemons: list[RunningDaemon]
 ) -> None:
@@ -461,6 +466,7 @@ def test_a_passed_descriptor_that_is_not_a_socket_stops_busd_with_one_line(
     assert not os.path.exists(tmp_path / "busd.sock")
 
 
+@pytest.mark.daemon
 def test_listen_variables_for_another_pid_are_ignored_and_not_passed_on(
     tmp_path: Path, daemons: list[RunningDaemon]
 ) -> None:

@@ -29,8 +29,12 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import MutableMapping
-from typing import NamedTuple
+
+# ``busd run`` calls this before it starts the fork server: typing's import
+# (a few ms) would delay that start, as in busd/spawner.py.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
 
 log = logging.getLogger("busd.control")
 
@@ -55,15 +59,19 @@ class ActivationError(RuntimeError):
     """systemd passed descriptors busd cannot serve as its control socket."""
 
 
-class InheritedSocket(NamedTuple):
+class InheritedSocket:
     """The listening control socket systemd passed, and what it is."""
 
-    sock: socket.socket
-    #: Its path in the file system (systemd's ``ListenStream=``).
-    path: str
-    #: Its name in ``LISTEN_FDNAMES`` ("" when systemd gave none).
-    name: str
-    fd: int
+    __slots__ = ("fd", "name", "path", "sock")
+
+    def __init__(self, sock: socket.socket, path: str, name: str, fd: int) -> None:
+        self.sock = sock
+        #: Its path in the file system (systemd's ``ListenStream=``).
+        self.path = path
+        #: Its name in ``LISTEN_FDNAMES`` ("" when systemd gave none).
+        self.name = name
+        #: Its descriptor number as passed (3 for the first).
+        self.fd = fd
 
 
 def take_control_socket(
