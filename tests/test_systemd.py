@@ -474,3 +474,22 @@ def test_the_service_started_alone_pulls_in_the_socket(activated: Instance) -> N
     line = f"busd[{main_pid}]: Control socket from systemd: fd 3 (control)"
     assert line in activated.run("journalctl", "--no-pager", "-u", UNIT).stdout
     verify_installed(activated, UNIT, SOCKET_UNIT)
+
+
+def test_a_killed_busd_is_replaced_on_the_same_socket(activated: Instance) -> None:
+    if activated.props(UNIT, "ActiveState")["ActiveState"] != "active":
+        activated.systemctl("start", UNIT)
+    before = wait_for(lambda: all_running(activated, 2), TIMEOUT, "busd running")
+    inode = activated.run("stat", "-c", "%i", SOCKET).stdout
+    activated.run("kill", "-KILL", str(before["pid"]))
+    wait_for(
+        lambda: activated.props(UNIT, "MainPID")["MainPID"] != str(before["pid"]),
+        TIMEOUT,
+        "systemd to see busd die",
+    )
+    # Sent while no busd runs: the socket is systemd's, so the request waits
+    # in its queue and the next busd answers it.
+    described = json.loads(busctl(activated, "--json", "state"))
+    assert described["pid"] not in (0, before["pid"])
+    assert activated.run("stat", "-c", "%i", SOCKET).stdout == inode
+    wait_for(lambda: all_running(activated, 2), TIMEOUT, "workers running again")
