@@ -169,6 +169,7 @@ def test_zero_descriptors_means_not_activated() -> None:
     [
         ("LISTEN_FDS", "two", "LISTEN_FDS='two' is not a count"),
         ("LISTEN_FDS", "-1", "LISTEN_FDS='-1' is not a count"),
+        ("LISTEN_FDS", "²", "LISTEN_FDS='²' is not a count"),
         ("LISTEN_PID", "me", "LISTEN_PID='me' is not a PID"),
         ("LISTEN_PID", "0", "LISTEN_PID='0' is not a PID"),
     ],

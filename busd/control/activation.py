@@ -112,7 +112,9 @@ def take_control_socket(
 
 
 def _number(variable: str, value: str) -> int:
-    if not value.isdigit() or (variable == "LISTEN_PID" and int(value) == 0):
+    # isascii: "²" is a digit to isdigit(), not to int().
+    digits = value.isascii() and value.isdigit()
+    if not digits or (variable == "LISTEN_PID" and int(value) == 0):
         kind = "a PID" if variable == "LISTEN_PID" else "a count"
         raise ActivationError(f"{variable}={value!r} is not {kind}")
     return int(value)
