@@ -34,6 +34,7 @@ from busd._version import __version__
 from busd.bus import Bus, states
 from busd.config import Config, ConfigError, Overrides, load_config
 from busd.control.access import AccessPolicy, access_policy
+from busd.control.activation import InheritedSocket
 from busd.control.server import ControlServer
 from busd.control.settings import server_settings
 from busd.events import EventHub
@@ -72,8 +73,11 @@ class Daemon:
         config_path: str | None = None,
         overrides: Overrides | None = None,
         spawner: Spawner | None = None,
+        control_socket: InheritedSocket | None = None,
     ) -> None:
-        """``spawner``: the fork server, if started already (busd/spawner.py)."""
+        """``spawner``: the fork server, if started already (busd/spawner.py).
+        ``control_socket``: the listening socket systemd passed, served
+        instead of binding ``[busd] socket`` (busd/control/activation.py)."""
         self.config_path = config_path
         self.overrides = overrides or Overrides()
         self.config = config
@@ -111,7 +115,8 @@ class Daemon:
             self.launcher,
             clients=lambda: self.control.clients,
             config_path=config_path,
-            socket_path=settings.socket,
+            # The path clients reach: systemd's, when it passed the socket.
+            socket_path=control_socket.path if control_socket else settings.socket,
         )
         self.ops = build_ops(
             OpServices(
@@ -132,6 +137,7 @@ class Daemon:
             server_settings(config),
             self.ops,
             access_policy(config),
+            inherited=control_socket,
         )
         self.signals = SignalHandler(self.bus)
         self.pidfile = PIDFile(self.bus, settings.pidfile)
@@ -177,7 +183,7 @@ class Daemon:
         log.info(
             "busd %s ready on %s (PID %d)",
             __version__,
-            self.config.busd.socket,
+            self.control.path,
             os.getpid(),
         )
 
