@@ -148,7 +148,8 @@ def _chosen(store: DeadLetters, op: str, args: dict[str, Any]) -> list[int]:
 
 def _not_found(store: DeadLetters, unknown: list[int]) -> ProtocolError:
     names = ", ".join(map(str, unknown[:10])) + (", ..." if len(unknown) > 10 else "")
-    held = f"{len(store)} letters" if len(store) else "no letters"
+    count = len(store)
+    held = f"{count} letter{'' if count == 1 else 's'}" if count else "no letters"
     return ProtocolError(
         ErrorCode.NOT_FOUND,
         f"no dead letter{'s' if len(unknown) > 1 else ''} {names} (the store "
