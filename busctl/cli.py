@@ -386,9 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
+        # Before connecting: bad input is a usage error, busd up or not.
         if args.command == "publish" and args.json_message and args.message != "-":
-            # Before connecting: bad input is a usage error, busd up or not.
             args.message = _json_loader()(args.message)
+        if (
+            args.command == "dead"
+            and args.action in ("replay", "drop")
+            and args.all == bool(args.ids)
+        ):
+            raise UsageError(
+                f"dead {args.action}: name the letters (IDs from `busctl dead "
+                "list`) or --all, not both"
+            )
         with Client(args.socket, timeout=args.timeout) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as error:

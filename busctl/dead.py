@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from busctl.cli import EX_ERROR, EX_OK, EX_TEMPFAIL, EX_USAGE, _fail, _print
+from busctl.cli import EX_ERROR, EX_OK, EX_TEMPFAIL, _fail, _print
 
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
 TYPE_CHECKING = False
@@ -31,13 +31,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
         return _list(client, args)
     if action == "show":
         return _show(client, args)
-    every = args.all
-    if every == bool(args.ids):
-        return _fail(
-            f"dead {action}: name the letters (IDs from `busctl dead list`) or "
-            "--all, not both",
-            EX_USAGE,
-        )
+    every = args.all  # with IDs or not: checked by busctl.cli.main
     if action == "replay":
         return _replay(client, args, client.dead_replay(*args.ids, every=every))
     result = client.dead_drop(*args.ids, every=every)

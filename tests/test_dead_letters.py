@@ -18,6 +18,7 @@ from pathlib import Path
 from helpers import (
     assert_one_line_error,
     broker,
+    busctl,
     messages_of,
     records,
     rows,
@@ -201,6 +202,9 @@ def test_busctl_dead_refuses_bad_command_lines(busd_daemon):
         result = run(busd_daemon, *argv)
         assert result.returncode == 64, (argv, result)
         assert says in assert_one_line_error(result), argv
+        # A usage error whether busd runs or not: found before connecting.
+        nowhere = busctl("--socket", str(busd_daemon.directory / "none"), *argv)
+        assert (nowhere.returncode, nowhere.stderr) == (64, result.stderr)
     with busd_daemon.client() as client:
         for op, arguments, says in [
             ("dead_replay", {}, "'dead_replay' needs 'ids' as a non-empty list"),
