@@ -349,3 +349,38 @@ def test_a_file_mostly_removed_letters_is_compacted_while_busd_runs(
     assert [d.message for d in again.letters.values()] == ["kept", "message 999"]
     assert list(again.letters) == [1, 402]
     again.close()
+
+
+def test_removing_many_letters_is_one_write_and_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DeadLetters(directory=str(tmp_path))
+    for n in range(100):
+        add(store, n)
+    fsyncs: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real(fd)))
+    store.remove(list(store.letters))
+    assert fsyncs == [store._fd]
+    monkeypatch.undo()
+    store.close()
+    assert len(DeadLetters(directory=str(tmp_path))) == 0
+
+
+def test_a_removal_the_disk_refuses_names_the_letters(tmp_path: Path) -> None:
+    store = DeadLetters(directory=str(tmp_path))
+    for n in range(7):
+        add(store, n)
+    fill_the_disk(store)
+    with busd_log() as log:
+        store.remove([1, 2, 3, 4, 5, 6, 7])
+    assert len(store) == 0  # gone for this run
+    assert log.lines == [
+        (
+            "ERROR",
+            "Dead letters: cannot record that dead letters 1, 2, 3, 4, 5 and 2 "
+            f"more are gone in {tmp_path / DEAD_FILE}: {os.strerror(errno.ENOSPC)}; "
+            "they come back after a restart",
+        )
+    ]
+    store.close()

@@ -85,7 +85,6 @@ def dead_replay(
             except ProtocolError as error:
                 reason = refused[letter.channel] = error
             else:
-                store.remove([letter_id])
                 replayed.append(
                     {
                         "id": letter_id,
@@ -95,6 +94,9 @@ def dead_replay(
                 )
                 continue
         kept.setdefault(reason, []).append(letter_id)
+    # Gone once accepted: a crash before this line replays them again at
+    # worst (at-least-once), never loses one.
+    store.remove(r["id"] for r in replayed)
     log.info(
         "Dead letters: %d of %d replayed, requested by %s%s",
         len(replayed),
