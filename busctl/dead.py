@@ -35,11 +35,11 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if action == "replay":
         return _replay(client, args, client.dead_replay(*args.ids, every=every))
     result = client.dead_drop(*args.ids, every=every)
-    dropped = result["dropped"]
+    dropped, count = result["dropped"], result["dropped_count"]
     _print(
         args,
         result,
-        f"dropped {len(dropped)} dead letters ({_ids(dropped)}); "
+        f"dropped {count} dead letters ({_ids(dropped, count)}); "
         f"{result['count']} left",
     )
     return EX_OK
@@ -108,17 +108,18 @@ def _show(client: Client, args: argparse.Namespace) -> int:
 
 def _replay(client: Client, args: argparse.Namespace, result: dict[str, Any]) -> int:
     replayed = result["replayed"]
-    text = f"replayed {len(replayed)} dead letters" + (
+    count = result["replayed_count"]
+    text = f"replayed {count} dead letters" + (
         ": " + ", ".join(f"{r['id']} as message {r['message_id']}" for r in replayed)
-        if 0 < len(replayed) <= 10
+        if 0 < count <= 10
         else ""
     )
     _print(args, result, text)
     for kept in result["kept"]:
-        ids = kept["ids"]
+        ids, many = kept["ids"], kept["count"] > 1
         _fail(
-            f"dead letter{'s' if len(ids) > 1 else ''} {_ids(ids)} "
-            f"{'stay' if len(ids) > 1 else 'stays'} in the store: {kept['error']}",
+            f"dead letter{'s' if many else ''} {_ids(ids, kept['count'])} "
+            f"{'stay' if many else 'stays'} in the store: {kept['error']}",
             EX_ERROR,
         )
     codes = {kept["code"] for kept in result["kept"]}
@@ -129,9 +130,10 @@ def _replay(client: Client, args: argparse.Namespace, result: dict[str, Any]) ->
     return EX_TEMPFAIL if codes == {"busy"} else EX_ERROR
 
 
-def _ids(ids: list[int]) -> str:
+def _ids(ids: list[int], count: int) -> str:
+    """The first ten of ``count`` ids (``ids`` may hold only the first ones)."""
     shown = ", ".join(map(str, ids[:10]))
-    return shown + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return shown + (f" and {count - 10} more" if count > 10 else "")
 
 
 def _when(seconds: float) -> str:

@@ -11,7 +11,9 @@ before anything is done.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from busd.control.requests import RequestContext
@@ -25,6 +27,8 @@ log = logging.getLogger("busd")
 #: The most letters one ``dead_list`` answer summarises (about 400 bytes
 #: each at most: well under a client's 1 MiB frame).
 MAX_LIST = 1000
+#: Letters replayed between two turns of the loop.
+REPLAY_BATCH = 100
 
 
 def dead_list(
@@ -61,42 +65,58 @@ def dead_show(
 
 def dead_replay(
     services: OpServices, ctx: RequestContext, args: dict[str, Any]
-) -> dict[str, Any]:
+) -> Coroutine[Any, Any, dict[str, Any]]:
     """Publish letters' messages again on their channels; forget those accepted.
 
     A letter refused (its channel's broker is busy, no broker listens on
     it any more) stays, and so do the later letters of that channel: they
-    would be refused alike, and must not overtake it.
+    would be refused alike, and must not overtake it. The arguments are
+    checked here; the replay itself is a coroutine that lets the loop run
+    between batches of ``REPLAY_BATCH`` (each publish may fsync the
+    spool: ten thousand in one go would hold every client and worker).
     """
+    store = services.router.dead_letters
+    return _replay(services, ctx, _chosen(store, "dead_replay", args))
+
+
+async def _replay(
+    services: OpServices, ctx: RequestContext, letter_ids: list[int]
+) -> dict[str, Any]:
     router = services.router
     store = router.dead_letters
-    letter_ids = _chosen(store, "dead_replay", args)
     replayed: list[dict[str, Any]] = []
     refused: dict[str, ProtocolError] = {}  # channel -> why
     kept: dict[ProtocolError, list[int]] = {}  # why -> letter ids
-    for letter_id in letter_ids:
-        letter = store.letters[letter_id]
-        reason = refused.get(letter.channel)
-        if reason is None:
-            try:
-                result = router.publish(
-                    letter.channel, letter.message, needs_route=True
-                )
-            except ProtocolError as error:
-                reason = refused[letter.channel] = error
-            else:
-                replayed.append(
-                    {
-                        "id": letter_id,
-                        "message_id": result["id"],
-                        "brokers": result["brokers"],
-                    }
-                )
-                continue
-        kept.setdefault(reason, []).append(letter_id)
-    # Gone once accepted: a crash before this line replays them again at
-    # worst (at-least-once), never loses one.
-    store.remove(r["id"] for r in replayed)
+    for start in range(0, len(letter_ids), REPLAY_BATCH):
+        if start:
+            await asyncio.sleep(0)  # acks, other clients: their turn
+        done: list[int] = []
+        for letter_id in letter_ids[start : start + REPLAY_BATCH]:
+            letter = store.get(letter_id)
+            if letter is None:
+                continue  # dropped or replayed by another client meanwhile
+            reason = refused.get(letter.channel)
+            if reason is None:
+                try:
+                    result = router.publish(
+                        letter.channel, letter.message, needs_route=True
+                    )
+                except ProtocolError as error:
+                    reason = refused[letter.channel] = error
+                else:
+                    done.append(letter_id)
+                    replayed.append(
+                        {
+                            "id": letter_id,
+                            "message_id": result["id"],
+                            "brokers": result["brokers"],
+                        }
+                    )
+                    continue
+            kept.setdefault(reason, []).append(letter_id)
+        # Gone once accepted: a crash before this line replays them again
+        # at worst (at-least-once), never loses one.
+        store.remove(done)
     log.info(
         "Dead letters: %d of %d replayed, requested by %s%s",
         len(replayed),
@@ -105,9 +125,12 @@ def dead_replay(
         "".join(f"; {len(ids)} kept: {why.message}" for why, ids in kept.items()),
     )
     return {
-        "replayed": replayed,
+        # Listed up to MAX_LIST (an answer fits a client's frame); counted all.
+        "replayed": replayed[:MAX_LIST],
+        "replayed_count": len(replayed),
         "kept": [
-            {"error": why.message, "code": str(why.code), "ids": ids}
+            {"error": why.message, "code": str(why.code), "ids": ids[:MAX_LIST]}
+            | {"count": len(ids)}
             for why, ids in kept.items()
         ],
         "count": len(store),
@@ -122,7 +145,11 @@ def dead_drop(
     letter_ids = _chosen(store, "dead_drop", args)
     store.remove(letter_ids)
     log.info("Dead letters: %d dropped, requested by %s", len(letter_ids), ctx.peer)
-    return {"dropped": letter_ids, "count": len(store)}
+    return {
+        "dropped": letter_ids[:MAX_LIST],
+        "dropped_count": len(letter_ids),
+        "count": len(store),
+    }
 
 
 def _chosen(store: DeadLetters, op: str, args: dict[str, Any]) -> list[int]:
