@@ -37,6 +37,7 @@ from busd.control.access import AccessPolicy, access_policy
 from busd.control.activation import InheritedSocket
 from busd.control.server import ControlServer
 from busd.control.settings import server_settings
+from busd.deadletters import DeadLetters
 from busd.events import EventHub
 from busd.ioloop import IOLoop
 from busd.logs import LogRing, bus_log_listener, setup_logging
@@ -89,7 +90,10 @@ class Daemon:
         self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
         self.events = EventHub()
-        self.router = Router(strict_channels=settings.strict_channels)
+        self.router = Router(
+            strict_channels=settings.strict_channels,
+            dead_letters=DeadLetters(settings.max_dead_letters),
+        )
         self.ioloop = IOLoop(self.bus)
         self.launcher = WorkerLauncher(
             settings.socket,
@@ -177,6 +181,10 @@ class Daemon:
         if settings.spool:
             # Opened here, after the PID file is ours: no other busd reads it.
             self.router.use_spool(Spool(settings.spool, settings.spool_fsync))
+            # Its dead letters beside it: kept across restarts too.
+            self.router.use_dead_letters(
+                DeadLetters(settings.max_dead_letters, settings.spool)
+            )
 
     def _started(self) -> None:
         self.report.mark_started()
@@ -232,6 +240,9 @@ class Daemon:
         self.config = new
         self.ioloop.call_soon(
             setattr, self.router, "strict_channels", new.busd.strict_channels
+        )
+        self.ioloop.call_soon(
+            self.router.dead_letters.set_limit, new.busd.max_dead_letters
         )
         self.supervisor.reconfigure(new)
         log.info("Reloaded configuration from %s", self.config_path or "defaults")
