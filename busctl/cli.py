@@ -149,8 +149,9 @@ LIFECYCLE = [
         "start",
         "start a broker's stopped instances, or instance N",
         "Start instance N of BROKER, or each of its instances that is not running\n"
-        "(stopped, or FATAL after too many failed starts), and wait until they\n"
-        "are RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
+        "(stopped, waiting in BACKOFF, or FATAL after too many failed starts),\n"
+        "at once and with a new count of failed starts, and wait until they are\n"
+        "RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
     ),
     (
         "stop",

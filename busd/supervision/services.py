@@ -128,6 +128,6 @@ class PoolServices(NamedTuple):
     state_changed: Callable[[InstanceView, InstanceState, str], None]
     #: A line a worker wrote on stderr: (instance, pid, line).
     log_line: Callable[[InstanceView, int, str], None]
-    #: Waits until each instance is RUNNING, FATAL or STOPPED (or a timeout).
+    #: Waits until each instance is RUNNING or has failed (``states.SETTLED``).
     wait_settled: Callable[[list[InstanceView]], Awaitable[None]]
     timing: RestartTiming = RestartTiming()
