@@ -98,6 +98,8 @@ class Report:
             "published": self.router.published,
             "unrouted": self.router.unrouted,
             "health": self.health(),
+            "dead_letters": len(self.router.dead_letters),
+            "dead_letters_overflowed": self.router.dead_letters.overflowed,
             "brokers": {
                 name: self.broker(broker)
                 for name, broker in self.supervisor.brokers.items()
