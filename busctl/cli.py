@@ -1,9 +1,11 @@
 """The ``busctl`` command: talk to busd over its control socket.
 
-Exit statuses (sysexits.h): 0 ok, 1 other error, 64 usage, 69 busd not
-running, 75 busy or timed out (try again), 77 permission denied, 78 reload
-refused (broken config file). Errors go to stderr as one line that says
-what to do.
+Exit statuses (sysexits.h): 0 ok, 1 other error, 3 ``state``: busd is
+degraded (as ``systemctl status`` says 3 for a unit not running), 64 usage,
+69 busd not running (or, for ``publish --wait``, no instance of a broker on
+the channel can run), 75 busy or timed out (try again), 77 permission
+denied, 78 reload refused (broken config file). Errors go to stderr as one
+line that says what to do.
 
 Imports are lazy: ``busctl ping`` loads the client and msgpack, never the
 daemon or asyncio, so the command starts quickly. The commands that take no
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 EX_OK = 0
 EX_ERROR = 1
+EX_DEGRADED = 3  # busctl state: an instance that should run does not
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
@@ -35,8 +38,9 @@ EX_NOPERM = 77
 EX_CONFIG = 78
 
 EXIT_STATUS = """\
-exit status: 0 ok, 1 error, 64 usage, 69 busd not running, 75 busy or
-timed out, 77 permission denied, 78 broken config (reload)."""
+exit status: 0 ok, 1 error, 3 degraded (state), 64 usage, 69 busd not
+running (publish --wait: no instance of a broker on the channel can run),
+75 busy or timed out, 77 permission denied, 78 broken config (reload)."""
 
 EPILOG = f"""\
 examples:
@@ -165,8 +169,9 @@ LIFECYCLE = [
         "start",
         "start a broker's stopped instances, or instance N",
         "Start instance N of BROKER, or each of its instances that is not running\n"
-        "(stopped, or FATAL after too many failed starts), and wait until they\n"
-        "are RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
+        "(stopped, waiting in BACKOFF, or FATAL after too many failed starts),\n"
+        "at once and with a new count of failed starts, and wait until they are\n"
+        "RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
     ),
     (
         "stop",
@@ -230,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     command("ping", help="check that busd answers")
-    command("state", help="bus state, process figures, brokers")
+    command(
+        "state",
+        help="bus state, health, process figures, brokers",
+        description="Show busd's state: its health, process figures, and each\n"
+        "broker's instances. Exit status 0 when healthy (every instance that\n"
+        "should run is RUNNING), 3 when degraded (the Health: line says which\n"
+        "instances are not), also with --json.",
+    )
     publish = command(
         "publish",
         help="publish a message on a channel",
@@ -250,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="wait until every broker on CHANNEL acked the message or sent it to "
-        "the dead channel; print the counts; exit 1 if it went dead. A slow "
-        "broker may need a longer --timeout (an option of busctl, before "
-        "the command)",
+        "the dead channel; print the counts; exit 1 if it went dead. Refused "
+        "at once (exit 69, nothing accepted) when a broker on CHANNEL has no "
+        "instance that can run (all FATAL or stopped). A slow broker may need "
+        "a longer --timeout (an option of busctl, before the command)",
     )
     subscribe = command(
         "subscribe", help="print messages published on channels until Ctrl-C"
@@ -423,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         if error.code == "busy":
             advice = "" if "try again" in error.message else "; try again later"
             return _fail(f"{error.message}{advice}", EX_TEMPFAIL)
+        if error.code == "unavailable":  # publish --wait: nothing can take it
+            return _fail(error.message, EX_UNAVAILABLE)
         if error.code in ("bad_request", "unknown_op", "unknown_channel", "too_large"):
             return _fail(
                 error.message, EX_USAGE if error.code == "unknown_op" else EX_ERROR
@@ -463,7 +478,9 @@ def cmd_state(client: Client, args: argparse.Namespace) -> int:
         from busctl.render import render_state
 
         print(render_state(state, client.path), flush=True)
-    return EX_OK
+    # No health in the answer (an older busd): nothing to say it is degraded.
+    health = state.get("health") or {}
+    return EX_DEGRADED if health.get("status") == "degraded" else EX_OK
 
 
 def cmd_publish(client: Client, args: argparse.Namespace) -> int:

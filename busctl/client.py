@@ -260,7 +260,7 @@ class Client:
         """Start one instance of ``broker``, or every one that is not running.
 
         Returns the broker's description (a ``state`` row) once the
-        instances are RUNNING or have failed (FATAL).
+        instances are RUNNING or have failed (BACKOFF: busd tries again; FATAL).
         """
         return self._broker_op("broker_start", broker, instance)
 
