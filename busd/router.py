@@ -80,6 +80,8 @@ class Router:
         self._restored = False
         self.published = 0
         self.unrouted = 0
+        #: Why every message is refused now (busd is stopping); None: none is.
+        self.refusal: str | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -92,6 +94,14 @@ class Router:
         self._spool = spool
         self._ids = itertools.count(spool.last_id + 1)
         self._restored = False
+
+    def refuse_publishes(self, reason: str) -> None:
+        """Refuse every message from now on, as ``busy`` saying ``reason``.
+
+        At the start of busd's stop: a message accepted later could miss
+        the spool (closed at stop) and its brokers (stopped), and be lost.
+        """
+        self.refusal = reason
 
     def close_spool(self) -> None:
         """Close the spool (at stop, once no route works any more)."""
@@ -141,9 +151,15 @@ class Router:
         The answer is ``{"id", "brokers", "subscribers"}``. ``when_settled``
         is called once every route settled it, unless no route took it
         (``brokers`` is 0: the caller answers at once). Raises ``busy`` (a
-        route is full, or the spool cannot record it) or, with
-        ``strict_channels``, ``unknown_channel``.
+        route is full, the spool cannot record it, or busd is stopping)
+        or, with ``strict_channels``, ``unknown_channel``.
         """
+        if self.refusal is not None:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"{self.refusal}: the message was not accepted; try again once "
+                "busd runs again",
+            )
         routes = self.routes.get(channel, ())
         if not routes and self.strict_channels:
             raise ProtocolError(
