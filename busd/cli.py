@@ -250,7 +250,10 @@ def _already_running(socket_path: str, pidfile: str) -> str:
     """
     from busd.probe import find
 
-    running = find(socket_path, pidfile)
+    # Socket-activated, the socket is systemd's and nobody serves it yet:
+    # a hello would only wait; systemd starts one busd per socket anyway.
+    activated = os.environ.get("LISTEN_PID") == str(os.getpid())
+    running = find(socket_path, pidfile, ask_socket=not activated)
     if running is None:
         return ""
     answer = running.answer

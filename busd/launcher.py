@@ -92,8 +92,7 @@ def _load(
 ) -> tuple[Config, str | None, Overrides] | int:
     """The config with the command line's overrides, or the exit status.
 
-    ``to_start``: also look up its users and groups, as ``busd run`` will,
-    and warn about brokers whose ``cwd`` or ``command`` cannot work.
+    ``to_start``: also look up its users and groups, as ``busd run`` will.
     """
     config_path = os.path.abspath(args.config) if args.config else None
     overrides = Overrides(
@@ -107,7 +106,6 @@ def _load(
         print(f"busd: {error}", file=sys.stderr)
         return EX_CONFIG
     if to_start:
-        from busd.checks import program_errors
         from busd.daemon import check_names
 
         try:
@@ -115,12 +113,6 @@ def _load(
         except ValueError as error:
             print(f"busd: {config.source}: {error}", file=sys.stderr)
             return EX_CONFIG
-        base_dir = os.path.dirname(config_path) if config_path else None
-        for problem in program_errors(config, base_dir):
-            print(
-                f"busd: warning: {problem}; its instances cannot start",
-                file=sys.stderr,
-            )
     return config, config_path, overrides
 
 
@@ -143,6 +135,13 @@ def _start(
     if running is not None:
         print(f"busd is already running: PID {running} on {socket_path}")
         return 0
+
+    # The daemon logs these too, in a file this terminal does not show.
+    from busd.checks import program_errors
+
+    base_dir = os.path.dirname(config_path) if config_path else None
+    for problem in program_errors(config, base_dir):
+        print(f"busd: warning: {problem}; its instances cannot start", file=sys.stderr)
 
     log_file = _absolute(args.log_file) or os.path.join(
         os.path.dirname(config.busd.pidfile), "busd.log"

@@ -86,9 +86,15 @@ class Running:
         return f"{on_socket}, and PID {holder} holds the PID file {self.pidfile}"
 
 
-def find(socket_path: str, pidfile: str, timeout: float = 2.0) -> Running | None:
-    """What runs on ``socket_path`` and ``pidfile``; None when nothing does."""
-    answer = hello(socket_path, timeout)
+def find(
+    socket_path: str, pidfile: str, timeout: float = 2.0, ask_socket: bool = True
+) -> Running | None:
+    """What runs on ``socket_path`` and ``pidfile``; None when nothing does.
+
+    ``ask_socket`` False: the PID file only (a socket systemd holds for a
+    busd not serving it yet would keep a ``hello`` waiting ``timeout``).
+    """
+    answer = hello(socket_path, timeout) if ask_socket else None
     holder = holder_of(pidfile)
     if answer is None and holder is None:
         return None

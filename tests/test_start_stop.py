@@ -375,3 +375,22 @@ def test_shutdown_wait_returns_after_the_workers_are_gone_too(start_busd, tmp_pa
     assert result.returncode == 0, result.stderr
     assert gone(worker)
     assert daemon.process.wait(DEADLINE) == 0
+
+
+def test_busd_start_warns_on_the_terminal_about_a_missing_program(tmp_path):
+    # The daemon's own warning goes to its log file; start shows it here too.
+    daemon = Detached(
+        tmp_path / "d", '[brokers.gone]\ncommand = ["no-such-program-for-busd"]\n'
+    )
+    try:
+        result = busd("start", *daemon.paths(), "--log-file", str(daemon.log))
+        assert result.returncode == 0, result.stderr
+        daemon.pid_in_file()
+        assert result.stderr == (
+            f"busd: warning: {daemon.config}: [brokers.gone] command[0]: "
+            '"no-such-program-for-busd" is not on the worker\'s PATH '
+            f"({os.environ['PATH']}); its instances cannot start\n"
+        )
+        assert "its instances cannot start" in daemon.log.read_text()
+    finally:
+        daemon.end()
