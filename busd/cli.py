@@ -199,6 +199,15 @@ def run(args: argparse.Namespace) -> int:
     # maps OpenSSL into the process for nothing (about 4 MiB of RSS, measured
     # in bench/control.py); marking ssl as absent makes asyncio skip it.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from busd.control.activation import ActivationError, take_control_socket
+
+    # Before the fork server starts: it and the workers must not inherit
+    # systemd's LISTEN_* variables (busd/control/activation.py).
+    try:
+        control_socket = take_control_socket()
+    except ActivationError as error:
+        print(f"busd: {error}", file=sys.stderr)
+        return EX_CONFIG
     # Daemonized, the fork server would be left behind by the fork; the
     # supervisor starts it after that.
     spawner = None if args.daemonize else launch_fork_server_early(args)
@@ -210,7 +219,11 @@ def run(args: argparse.Namespace) -> int:
     config_path = os.path.abspath(args.config) if args.config else None
     try:
         config = overrides.apply(load_config(config_path))
-        refusal = _already_running(config.busd.socket, config.busd.pidfile)
+        # Socket-activated, the socket is systemd's and nobody serves it
+        # yet: a hello would only wait. systemd starts one busd per socket.
+        refusal = _already_running(
+            config.busd.socket, config.busd.pidfile, control_socket is None
+        )
         if refusal:
             _let_go(spawner)
             print(f"busd: {refusal}", file=sys.stderr)
@@ -225,7 +238,11 @@ def run(args: argparse.Namespace) -> int:
 
         check_names(config)
         daemon = Daemon(
-            config, config_path=config_path, overrides=overrides, spawner=spawner
+            config,
+            config_path=config_path,
+            overrides=overrides,
+            spawner=spawner,
+            control_socket=control_socket,
         )
     except (ConfigError, ValueError) as error:
         _let_go(spawner)
@@ -241,19 +258,17 @@ def run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
-def _already_running(socket_path: str, pidfile: str) -> str:
+def _already_running(socket_path: str, pidfile: str, ask_socket: bool) -> str:
     """Why this busd must not start beside another one there; "" if it may.
 
     Checked before anything is built, so that the answer is one line. (Two
     started at the same instant can both pass; the PID file's lock still
-    stops the second, with the start step's traceback.)
+    stops the second, with the start step's traceback.) ``ask_socket``
+    False: look at the PID file only.
     """
     from busd.probe import find
 
-    # Socket-activated, the socket is systemd's and nobody serves it yet:
-    # a hello would only wait; systemd starts one busd per socket anyway.
-    activated = os.environ.get("LISTEN_PID") == str(os.getpid())
-    running = find(socket_path, pidfile, ask_socket=not activated)
+    running = find(socket_path, pidfile, ask_socket=ask_socket)
     if running is None:
         return ""
     answer = running.answer
