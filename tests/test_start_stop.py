@@ -258,7 +258,8 @@ def test_busd_restart_with_a_broken_config_stops_nothing(detached):
 def test_shutdown_then_start_leaves_a_daemon_running(tmp_path):
     # Before: start saw the stopping busd answer, printed "busd is already
     # running: PID N" and exited 0; a moment later nothing ran.
-    daemon = Detached(tmp_path / "d", stubborn(tmp_path / "stub.jsonl"))
+    # 5 s of stop: busd start surely probes while the old busd still answers.
+    daemon = Detached(tmp_path / "d", stubborn(tmp_path / "stub.jsonl", 5))
     try:
         old = daemon.start()
         wait_records(tmp_path / "stub.jsonl", lambda r: r, what="the broker")
@@ -293,7 +294,7 @@ def test_shutdown_then_start_leaves_a_daemon_running(tmp_path):
 
 
 def test_busd_run_beside_a_stopping_busd_says_so(start_busd, tmp_path):
-    daemon = start_busd(config_text=stubborn(tmp_path / "stub.jsonl", stop_timeout=4))
+    daemon = start_busd(config_text=stubborn(tmp_path / "stub.jsonl", stop_timeout=6))
     with daemon.client() as client:
         client.shutdown()
     other = busd(
