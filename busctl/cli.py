@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dead",
         help="list, show, replay or drop dead letters",
         description="Messages a broker gave up on (max_retries, ack_timeout, or "
-        "its broker\nremoved by a reload) wait in busd's dead-letter store "
+        "its broker\nremoved from the config) wait in busd's dead-letter store "
         "until you act.\nWithout an action: list them. `replay` publishes each "
         "message again on\nits channel, as a new message to every broker "
         "there; one refused (a\nbusy broker: exit 75; no broker on the "

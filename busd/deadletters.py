@@ -2,7 +2,8 @@
 
 A message is *dead* when a broker gives up on it: it failed
 ``max_retries + 1`` times, hung that many workers past ``ack_timeout``, or
-its broker was removed by a reload while holding it. The router hands
+its broker was removed from the config (by a reload, or before a restart
+with the spool on) while holding it. The router hands
 each one to this store (``add``), and it stays there until ``busctl dead
 replay`` publishes it again or ``busctl dead drop`` removes it. Each
 letter has an id of its own (a message that died in two brokers is two

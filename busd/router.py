@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from busd.deadletters import DeadLetters
 from busd.protocol import DEAD_CHANNEL, ErrorCode, ProtocolError, is_channel_name
-from busd.spool import Spool, SpoolError
+from busd.spool import Pending, Spool, SpoolError
 from busd.supervision.delivery import Delivery, Outcome
 
 log = logging.getLogger("busd")
@@ -143,16 +143,33 @@ class Router:
             for name in sorted(entry.brokers):
                 route = self._by_name.get(name)
                 if route is None:
-                    log.error(
-                        "Spooled message %d is for broker %s, which is no longer "
-                        "configured; it stays in the spool",
-                        entry.id,
-                        name,
-                    )
+                    self._bury_for_lost_route(spool, entry, name)
                     continue
                 route.restore(
                     Delivery(entry.id, entry.channel, entry.message, redelivered=True)
                 )
+
+    def _bury_for_lost_route(self, spool: Spool, entry: Pending, route: str) -> None:
+        """A spooled message's broker is gone from the config: keep it dead.
+
+        Left in the spool it would wait for ever for a broker that never
+        comes; in the dead-letter store an operator sees it and can replay
+        it to the channel's brokers of today.
+        """
+        error = f"broker {route} is no longer configured (found in the spool at start)"
+        letter, stored = self.dead_letters.add(
+            entry.id, entry.channel, entry.message, route, 0, [error]
+        )
+        log.error(
+            "Spooled message %d is for broker %s, which is no longer configured; "
+            "it is dead letter %d (`busctl dead show %d`)",
+            entry.id,
+            route,
+            letter.id,
+            letter.id,
+        )
+        if stored:
+            spool.settle(entry.id, route)
 
     # -- messages in ----------------------------------------------------------------
 
