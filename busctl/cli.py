@@ -82,7 +82,11 @@ EXAMPLES = {
     ],
     "scale": ["busctl scale orders 4", "busctl --timeout 60 scale orders 16"],
     "reload": ["busctl reload"],
-    "shutdown": ["busctl shutdown"],
+    "shutdown": [
+        "busctl shutdown",
+        "busctl shutdown --wait",
+        "busctl --timeout 60 shutdown --wait && busd start",
+    ],
     "dead": [
         "busctl dead",
         "busctl dead show 3",
@@ -304,7 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
         "instances", metavar="N", type=_count, help="how many instances to run"
     )
     command("reload", help="reload the configuration (like SIGHUP)")
-    command("shutdown", help="stop busd")
+    shutdown = command(
+        "shutdown",
+        help="stop busd",
+        description="Ask busd to stop. With --wait, return once its process has "
+        "exited: exit\nstatus 0 then, 75 if it still runs after --timeout "
+        "seconds (an option of\nbusctl, before the command; brokers with a "
+        "long stop_timeout need more).",
+    )
+    shutdown.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until busd's process has exited (at most --timeout seconds)",
+    )
     dead = command(
         "dead",
         help="list, show, replay or drop dead letters",
@@ -611,7 +627,20 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.shutdown(), "shutdown requested")
+    if not getattr(args, "wait", False):  # _parse_simple gives no "wait"
+        _print(args, client.shutdown(), "shutdown requested")
+        return EX_OK
+    from busctl.client import Timeout
+
+    try:
+        result = client.shutdown(wait=True)
+    except Timeout as error:
+        return _fail(
+            f"{error}; it is still stopping: wait longer (busctl --timeout 60 "
+            "shutdown --wait) or end it with kill -9",
+            EX_TEMPFAIL,
+        )
+    _print(args, result, f"busd (PID {result['pid']}) has exited")
     return EX_OK
 
 

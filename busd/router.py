@@ -93,6 +93,8 @@ class Router:
         self._restored = False
         self.published = 0
         self.unrouted = 0
+        #: Why every message is refused now (busd is stopping); None: none is.
+        self.refusal: str | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -105,6 +107,14 @@ class Router:
         self._spool = spool
         self._ids = itertools.count(spool.last_id + 1)
         self._restored = False
+
+    def refuse_publishes(self, reason: str) -> None:
+        """Refuse every message from now on, as ``busy`` saying ``reason``.
+
+        At the start of busd's stop: a message accepted later could miss
+        the spool (closed at stop) and its brokers (stopped), and be lost.
+        """
+        self.refusal = reason
 
     def use_dead_letters(self, store: DeadLetters) -> None:
         """Keep dead letters in ``store`` from now on (the spool's, at start)."""
@@ -181,12 +191,18 @@ class Router:
         The answer is ``{"id", "brokers", "subscribers"}``. ``when_settled``
         is called once every route settled it, unless no route took it
         (``brokers`` is 0: the caller answers at once). Raises ``busy`` (a
-        route is full, or the spool cannot record it), ``unavailable`` (with
-        ``when_settled``: a route is down, so the message would wait for an
-        operator, and its caller with it) or, with ``strict_channels`` or
-        ``needs_route``, ``unknown_channel``. A refused message is not
-        accepted anywhere.
+        route is full, the spool cannot record it, or busd is stopping),
+        ``unavailable`` (with ``when_settled``: a route is down, so the
+        message would wait for an operator, and its caller with it) or, with
+        ``strict_channels`` or ``needs_route``, ``unknown_channel``. A
+        refused message is not accepted anywhere.
         """
+        if self.refusal is not None:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"{self.refusal}: the message was not accepted; try again once "
+                "busd runs again",
+            )
         routes = self.routes.get(channel, ())
         if not routes and (self.strict_channels or needs_route):
             raise ProtocolError(
