@@ -18,6 +18,18 @@ from __future__ import annotations
 import sys
 import types
 
+from busctl.output import (
+    EX_CONFIG,
+    EX_DEGRADED,
+    EX_ERROR,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    fail,
+    show,
+)
 from busd._version import __version__
 
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
@@ -28,14 +40,6 @@ if TYPE_CHECKING:
 
     from busctl.client import Client
 
-EX_OK = 0
-EX_ERROR = 1
-EX_DEGRADED = 3  # busctl state: an instance that should run does not
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 EXIT_STATUS = """\
 exit status: 0 ok, 1 error, 3 degraded (state), 64 usage, 69 busd not
@@ -430,66 +434,52 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.socket, timeout=args.timeout) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as error:
-        return _fail(str(error), EX_USAGE)
+        return fail(str(error), EX_USAGE)
     except DaemonUnavailable as error:
-        return _fail(
+        return fail(
             f"{error}; start it with `busd start` or `systemctl start busd`",
             EX_UNAVAILABLE,
         )
     except Timeout as error:
         if getattr(args, "wait", False):  # publish --wait: not safe to resend
-            return _fail(
+            return fail(
                 f"{error}: not every broker has settled the message yet (it may "
                 "still be delivered; raise --timeout rather than publish again)",
                 EX_TEMPFAIL,
             )
-        return _fail(f"{error}; try again or raise --timeout", EX_TEMPFAIL)
+        return fail(f"{error}; try again or raise --timeout", EX_TEMPFAIL)
     except BusError as error:
         if error.code == "permission_denied":
-            return _fail(f"{error.message}; ask an admin for access", EX_NOPERM)
+            return fail(f"{error.message}; ask an admin for access", EX_NOPERM)
         if error.code == "bad_config":
-            return _fail(error.message, EX_CONFIG)
+            return fail(error.message, EX_CONFIG)
         if error.code == "busy":
             advice = "" if "try again" in error.message else "; try again later"
-            return _fail(f"{error.message}{advice}", EX_TEMPFAIL)
+            return fail(f"{error.message}{advice}", EX_TEMPFAIL)
         if error.code == "unavailable":  # publish --wait: nothing can take it
-            return _fail(error.message, EX_UNAVAILABLE)
+            return fail(error.message, EX_UNAVAILABLE)
         if error.code in ("bad_request", "unknown_op", "unknown_channel", "too_large"):
-            return _fail(
+            return fail(
                 error.message, EX_USAGE if error.code == "unknown_op" else EX_ERROR
             )
-        return _fail(error.message, EX_ERROR)
+        return fail(error.message, EX_ERROR)
     except ClientError as error:
-        return _fail(str(error), EX_ERROR)
+        return fail(str(error), EX_ERROR)
     except KeyboardInterrupt:
         return EX_OK
     except BrokenPipeError:
         return EX_OK  # `busctl subscribe main | head`: the reader left
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"busctl: {message}", file=sys.stderr)
-    return status
-
-
-def _print(args: argparse.Namespace, value: Any, text: str) -> None:
-    if args.json:
-        import json
-
-        print(json.dumps(value, default=repr), flush=True)
-    else:
-        print(text, flush=True)
-
-
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.ping(), "pong")
+    show(args, client.ping(), "pong")
     return EX_OK
 
 
 def cmd_state(client: Client, args: argparse.Namespace) -> int:
     state = client.state()
     if args.json:
-        _print(args, state, "")
+        show(args, state, "")
     else:
         from busctl.render import render_state
 
@@ -509,9 +499,9 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
         if args.wait:
             acked = sum(result.get("acked", 0) for result in results)
             text += f": {acked} acked, {dead} dead"
-        _print(args, results, text)
+        show(args, results, text)
         if dead:
-            return _fail(
+            return fail(
                 f"{sum(bool(r.get('dead')) for r in results)} of {len(results)} "
                 f"messages on {args.channel} went to the dead channel; "
                 "`busctl logs` says why",
@@ -526,9 +516,9 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     )
     if args.wait:
         text += f": {result.get('acked', 0)} acked, {result.get('dead', 0)} dead"
-    _print(args, result, text)
+    show(args, result, text)
     if result.get("dead"):
-        return _fail(
+        return fail(
             f"message {result['id']} on {args.channel} went to the dead channel at "
             f"{result['dead']} of {result['brokers']} brokers; `busctl logs` says why",
             EX_ERROR,
@@ -553,16 +543,14 @@ def _json_loader() -> Any:
 def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
     stream = client.subscribe(*args.channels)
     for event in stream:
-        _print(args, event, f"{event['channel']}: {event['message']}")
+        show(args, event, f"{event['channel']}: {event['message']}")
     return EX_OK
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     stream = client.events()
     for event in stream:
-        _print(
-            args, event, " ".join(f"{k}={v}" for k, v in event.items() if k != "time")
-        )
+        show(args, event, " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
     return EX_OK
 
 
@@ -579,10 +567,10 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     for entry in result["lines"]:
-        _print(args, entry, render_log_entry(entry))
+        show(args, entry, render_log_entry(entry))
     if args.follow:
         for entry in answer:
-            _print(args, entry, render_log_entry(entry))
+            show(args, entry, render_log_entry(entry))
     return EX_OK
 
 
@@ -609,12 +597,12 @@ def _report_pool(
     """Print what a lifecycle op did; exit 1 if an instance did not come up."""
     from busctl.render import not_running, render_pool_change
 
-    _print(args, result, render_pool_change(done, name, index, result))
+    show(args, result, render_pool_change(done, name, index, result))
     if done == "stopped":
         return EX_OK
     failed = not_running(name, index, result)
     if failed:
-        return _fail(
+        return fail(
             f"not running after {args.command}: {failed}; `busctl logs` says why",
             EX_ERROR,
         )
@@ -622,25 +610,25 @@ def _report_pool(
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.reload(), "reload requested")
+    show(args, client.reload(), "reload requested")
     return EX_OK
 
 
 def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
     if not getattr(args, "wait", False):  # _parse_simple gives no "wait"
-        _print(args, client.shutdown(), "shutdown requested")
+        show(args, client.shutdown(), "shutdown requested")
         return EX_OK
     from busctl.client import Timeout
 
     try:
         result = client.shutdown(wait=True)
     except Timeout as error:
-        return _fail(
+        return fail(
             f"{error}; it is still stopping: wait longer (busctl --timeout 60 "
             "shutdown --wait) or end it with kill -9",
             EX_TEMPFAIL,
         )
-    _print(args, result, f"busd (PID {result['pid']}) has exited")
+    show(args, result, f"busd (PID {result['pid']}) has exited")
     return EX_OK
 
 
