@@ -13,7 +13,7 @@ it. A message is *user-facing* when the source passes it to one of:
 - the log: ``log.error/warning/exception/critical(...)`` (``%s`` and the
   like are placeholders), and ``bus.log``/``_log`` called with a
   ``logging.WARNING``/``ERROR``/``CRITICAL`` level;
-- the terminal: busctl's ``_fail(...)``, ``parser.error(...)``,
+- the terminal: busctl's ``fail(...)``, ``parser.error(...)``,
   ``ArgumentParser.exit(status, text)``, ``print(..., file=sys.stderr)``,
   and config.py's ``errors.append(...)``/``table.error(...)`` lines.
 
@@ -85,7 +85,7 @@ MESSAGE_ARGUMENTS: dict[str, tuple[int | str, ...]] = {
     "_Invalid": (0, 3, "expected", "note"),
     "bad": (2,),
     "error_reply": (2,),
-    "_fail": (0,),
+    "fail": (0,),  # busctl.output.fail
 }
 LOG_METHODS = {"error", "warning", "exception", "critical"}
 LOUD_LEVELS = {"WARNING", "ERROR", "CRITICAL"}
@@ -351,7 +351,7 @@ def test_the_extraction_finds_the_known_messages() -> None:
         "an integer from ... to ...",  # the other branch of the same IfExp
         " (a number: put the octal digits in quotes)",  # _Invalid's note
         "busd is not running: no socket at ...",  # raise DaemonUnavailable
-        "...; start it with `busd start` or `systemctl start busd`",  # _fail
+        "...; start it with `busd start` or `systemctl start busd`",  # fail
         "no broker ... (configured: ...)",  # ProtocolError's second argument
         "too many clients; try again later",  # error_reply
         "cannot bind control socket ...: ...",  # OSError(errno, text)
