@@ -1,9 +1,9 @@
 """The fork server: busd's child that forks the workers (busd/forkserver.py).
 
-Real busd, real fork server, real workers: who is whose parent, what a
-forked worker sees (its directory, environment, import path, session,
-name), what happens when the fork server is killed, and that it ends
-with busd.
+Real busd, real fork server, real workers: who is whose parent (busd
+adopts every worker the server forks), what a forked worker sees (its
+directory, environment, import path, session, name), what happens when the
+fork server is killed (nothing, to the workers), and that it ends with busd.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def test_workers_are_forked_by_busds_fork_server_which_ends_with_busd(start_busd
     with daemon.client() as client:
         pids = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
         server = client.state()["fork_server"]
-    # busd -> fork server -> workers, each named in ps/top by its instance.
-    assert [p.pid for p in psutil.Process(daemon.pid).children()] == [server]
-    assert sorted(p.pid for p in psutil.Process(server).children()) == sorted(pids)
+    # busd -> fork server, and busd -> workers: the server forks them and
+    # busd adopts them at once. Each is named in ps/top by its instance.
+    children = sorted(p.pid for p in psutil.Process(daemon.pid).children())
+    assert children == sorted([server, *pids])
+    assert psutil.Process(server).children() == []
     assert psutil.Process(server).name() == "busd-forkserver"
     assert sorted(psutil.Process(p).name() for p in pids) == ["rec:0", "rec:1"]
     shown = subprocess.run(
@@ -100,8 +102,9 @@ def test_a_forked_worker_has_its_brokers_directory_environment_and_path(
     )
     assert facts["env"] == "from the config"
     assert facts["busd_pid"] == str(daemon.pid)
-    # Its own session; the fork server is its parent; busd's umask.
-    assert (facts["sid"], facts["ppid"]) == (row["pid"], server)
+    # Its own session; busd is its parent (not the fork server); busd's umask.
+    assert (facts["sid"], facts["ppid"]) == (row["pid"], daemon.pid)
+    assert server != daemon.pid
     assert facts["umask"] == 0o027
     assert facts["argv"] == [
         "--broker",
@@ -123,35 +126,53 @@ def test_a_forked_worker_has_its_brokers_directory_environment_and_path(
     assert daemon.stop() == 0
 
 
-def test_a_killed_fork_server_takes_its_workers_and_busd_starts_them_again(
+def test_a_killed_fork_server_leaves_the_workers_running_and_counts_against_none(
     start_busd,
 ):
+    # One fault, one victim: the fork server's death is its own. The
+    # workers (busd's children) run on with the same PIDs, no instance is
+    # charged anything, and the next start is forked by a new server.
     daemon = start_busd(
         config_text=broker("rec", "brokers_for_tests:Recorder", instances=2)
+        + broker("other", "brokers_for_tests:Recorder", channels=("other",))
     )
     with daemon.client() as client:
+        before = client.state()
+        server = before["fork_server"]
         old = [r["pid"] for r in wait_states(client, "rec", ["RUNNING"] * 2)]
-        server = client.state()["fork_server"]
+        [other] = wait_states(client, "other", ["RUNNING"])
         os.kill(server, signal.SIGKILL)
-        wait_for(lambda: all(gone(p) for p in [server, *old]), DEADLINE, "all gone")
+        wait_for(lambda: gone(server), DEADLINE, "the fork server gone")
 
-        def replaced() -> bool:
-            now = rows(client, "rec")
-            return all(r["state"] == "RUNNING" and r["pid"] not in old for r in now)
+        def new_server() -> int | None:
+            pid = client.state()["fork_server"]
+            return pid if pid not in (None, server) else None
 
-        wait_for(replaced, DEADLINE, "new workers running")
-        new_server = client.state()["fork_server"]
-        assert new_server not in (None, server)
-        assert psutil.Process(new_server).ppid() == daemon.pid
+        replacement = wait_for(new_server, DEADLINE, "a new fork server")
+        assert psutil.Process(replacement).ppid() == daemon.pid
+        after = client.state()
+        for name in ("rec", "other"):
+            for row in after["brokers"][name]["instances"]:
+                assert row["state"] == "RUNNING", row
+                assert (row["restarts"], row["last_exit"]) == (0, None), row
+        assert [r["pid"] for r in rows(client, "rec")] == old
+        assert rows(client, "other")[0]["pid"] == other["pid"]
+        assert all(psutil.Process(p).ppid() == daemon.pid for p in old)
+        health = after["fork_server_health"]
+        assert health["restarts"] == 1, health
+        assert health["last_exit"] == "killed by SIGKILL", health
         result = client.call("publish", channel="main", message="after", wait=True)
         assert (result["acked"], result["dead"]) == (1, 0)
+        # A later start is forked by the new server (and adopted by busd).
+        client.broker_restart("rec", 0)
+        fresh = wait_states(client, "rec", ["RUNNING"] * 2)[0]["pid"]
+        assert fresh != old[0]
+        assert psutil.Process(fresh).ppid() == daemon.pid
     log = daemon.log_text()
-    assert f"The fork server (PID {server}) is gone" in log, log
-    assert "exit status unknown: the fork server died" in log or all(
-        f"(PID {p}): exited unexpectedly" in log for p in old
-    ), log
+    assert log.count(f"The fork server (PID {server}) died (killed by SIGKILL)") == 1
+    assert "exited unexpectedly" not in log, log
     assert daemon.stop() == 0
-    assert gone(new_server)
+    assert gone(replacement) and all(gone(p) for p in [fresh, *old])
 
 
 def test_a_missing_broker_directory_is_reported_and_the_instance_fails(
@@ -212,7 +233,7 @@ def test_without_brokers_there_is_no_fork_server_until_a_reload_adds_one(
         wait_for(lambda: "rec" in client.state()["brokers"], DEADLINE, "reload")
         [row] = wait_states(client, "rec", ["RUNNING"])
         server = client.state()["fork_server"]
-        assert psutil.Process(row["pid"]).ppid() == server
+        assert psutil.Process(row["pid"]).ppid() == daemon.pid
         assert psutil.Process(server).ppid() == daemon.pid
         result = client.call("publish", channel="main", message="x", wait=True)
         assert result["acked"] == 1
@@ -246,7 +267,8 @@ def test_a_daemonized_busd_starts_its_fork_server_after_the_fork(tmp_path):
             rows_ = wait_states(client, "rec", ["RUNNING"] * 2)
             server = client.state()["fork_server"]
         assert psutil.Process(server).ppid() == pid
-        assert {psutil.Process(r["pid"]).ppid() for r in rows_} == {server}
+        # The daemon (not the process `busd start` ran as) adopted them.
+        assert {psutil.Process(r["pid"]).ppid() for r in rows_} == {pid}
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: gone(pid), DEADLINE, "the daemonized busd to exit")
@@ -254,13 +276,17 @@ def test_a_daemonized_busd_starts_its_fork_server_after_the_fork(tmp_path):
 
 
 def test_the_fork_server_survives_bad_requests_and_ends_when_busd_closes():
-    # The server on its own, driven as busd drives it (busd/spawner.py).
+    # The server on its own, driven as busd drives it (busd/spawner.py). Like
+    # busd, this process is a child subreaper meanwhile: the worker is handed
+    # over to it, with a pidfd, and it collects the worker's exit itself.
     import socket
 
     import msgpack
 
-    from busd.spawner import server_environment
+    from busd.spawner import exit_code, server_environment
+    from busd.subreaper import PR_SET_CHILD_SUBREAPER, become_subreaper
 
+    become_subreaper()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.settimeout(DEADLINE)
     server = subprocess.Popen(
@@ -275,8 +301,9 @@ def test_the_fork_server_survives_bad_requests_and_ends_when_busd_closes():
     # The worker's ends go to the server; ours stay here.
     worker_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]
     our_ends = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    pidfds: list[int] = []
     try:
-        ours.send(msgpack.packb({"op": "kill"}))  # no PID: fails in the server
+        ours.send(msgpack.packb({"op": "spawn"}))  # no tag: fails in the server
         ours.send(msgpack.packb({"op": "no-such-op"}))
         request = {
             "op": "spawn",
@@ -288,15 +315,21 @@ def test_the_fork_server_survives_bad_requests_and_ends_when_busd_closes():
             "name": "probe:0",
         }
         socket.send_fds(ours, [msgpack.packb(request)], worker_ends)
-        spawned = msgpack.unpackb(ours.recv(1 << 16))
+        data, pidfds, _, _ = socket.recv_fds(ours, 1 << 16, 1)
+        spawned = msgpack.unpackb(data)
         assert spawned["op"] == "spawned" and spawned["tag"] == 7, spawned
-        exited = msgpack.unpackb(ours.recv(1 << 16))
-        assert exited == {"op": "exited", "pid": spawned["pid"], "status": 3}
+        assert len(pidfds) == 1
+        # Ours to reap, and only ours: the server reports no exit any more.
+        result = os.waitid(os.P_PIDFD, pidfds[0], os.WEXITED)
+        assert (result.si_pid, exit_code(result)) == (spawned["pid"], 3)
     finally:
         ours.close()  # as busd does on its way out: the server ends
         status = server.wait(DEADLINE)
-        for fd in worker_ends + our_ends:
+        for fd in worker_ends + our_ends + pidfds:
             os.close(fd)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
     assert status == 0
     errors = server.stderr.read()
     assert "busd fork server: request failed:" in errors, errors
