@@ -359,11 +359,7 @@ class Spawner:
         """The server closed its end: it died. Its workers live on."""
         if self.gone:
             return
-        self.close()
-        for answer in self._spawning.values():
-            if not answer.done():
-                answer.set_exception(ForkServerGone("the fork server died"))
-        self._spawning.clear()
+        self.close("the fork server died")
         if self._pidfd is not None and self._loop is not None:
             # Its exit status, once it is fully gone (a moment after EOF).
             self._loop.add_reader(self._pidfd, self._reaped)
@@ -382,10 +378,11 @@ class Spawner:
         if self._on_lost is not None:
             self._on_lost(self)
 
-    def close(self) -> None:
+    def close(self, why: str = "busd let the fork server go") -> None:
         """Let the server go (it ends once its end reads EOF).
 
-        On the I/O loop once it read from the server; see ``wait_closed``.
+        A spawn it has not answered fails with ForkServerGone(``why``). On
+        the I/O loop once it read from the server; see ``wait_closed``.
         """
         if self.gone:
             return
@@ -393,6 +390,10 @@ class Spawner:
         if self._loop is not None:
             self._loop.remove_reader(self.channel)
         self.channel.close()
+        for answer in self._spawning.values():
+            if not answer.done():
+                answer.set_exception(ForkServerGone(why))
+        self._spawning.clear()
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:
