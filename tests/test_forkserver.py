@@ -175,6 +175,92 @@ def test_a_killed_fork_server_leaves_the_workers_running_and_counts_against_none
     assert gone(replacement) and all(gone(p) for p in [fresh, *old])
 
 
+def test_a_fork_server_that_keeps_dying_is_restarted_with_a_growing_back_off(
+    start_busd,
+):
+    daemon = start_busd(config_text=broker("rec", "brokers_for_tests:Recorder"))
+    with daemon.client() as client:
+        [row] = wait_states(client, "rec", ["RUNNING"])
+        killed = []
+        for _ in range(3):
+            server = client.state()["fork_server"]
+            os.kill(server, signal.SIGKILL)
+            killed.append(server)
+
+            def replaced() -> int | None:
+                pid = client.state()["fork_server"]
+                return pid if pid not in (None, *killed) else None
+
+            wait_for(replaced, DEADLINE, "a new fork server")
+        health = client.state()["fork_server_health"]
+        assert (health["restarts"], health["last_exit"]) == (3, "killed by SIGKILL")
+        assert health["pid"] == client.state()["fork_server"]
+        # The worker was never touched, and nothing was charged to it.
+        [now] = rows(client, "rec")
+        assert (now["state"], now["pid"], now["restarts"]) == ("RUNNING", row["pid"], 0)
+    log = daemon.log_text()
+    # One line per death, with its PID; the delays double (0.1, 0.2, 0.4 s).
+    for server, delay in zip(killed, ("0.1", "0.2", "0.4"), strict=True):
+        line = f"The fork server (PID {server}) died (killed by SIGKILL)"
+        assert log.count(line) == 1, log
+        assert f"a new one starts in {delay} s" in log.split(line)[1].split("\n")[0]
+    assert "The fork server is back" in log and "(restart 3)" in log
+    assert daemon.stop() == 0
+
+
+def test_busd_collects_the_processes_its_workers_leave_behind(start_busd, tmp_path):
+    # busd is a child subreaper: a process a worker started and left (its
+    # parent exited) becomes busd's child, and busd reaps it when it ends.
+    (tmp_path / "leaver.py").write_text(
+        textwrap.dedent(
+            """
+            import os, time
+
+            class Leaver:
+                def __init__(self, bus):
+                    bus.subscribe("main", self.leave)
+
+                def leave(self, message):
+                    child = os.fork()
+                    if child == 0:
+                        if os.fork() == 0:
+                            time.sleep(0.2)
+                            os._exit(5)
+                        os._exit(0)
+                    os.waitpid(child, 0)
+            """
+        )
+    )
+    config = f'[brokers.leaver]\nhandler = "leaver:Leaver"\ncwd = "{tmp_path}"\n'
+    daemon = start_busd(config_text=config)
+    before = {p.pid for p in psutil.Process(daemon.pid).children()}
+    with daemon.client() as client:
+        wait_states(client, "leaver", ["RUNNING"])
+        result = client.call("publish", channel="main", message="go", wait=True)
+        assert result["acked"] == 1
+
+        def left_behind() -> list[int]:
+            return [
+                p.pid
+                for p in psutil.Process(daemon.pid).children()
+                if p.pid not in before
+                and p.pid != client.state()["fork_server"]
+                and p.pid not in {r["pid"] for r in rows(client, "leaver")}
+            ]
+
+        # It is busd's child (alive, or a zombie until busd collects it).
+        [stray] = wait_for(left_behind, DEADLINE, "the left process under busd")
+
+        def collected() -> bool:
+            return not psutil.pid_exists(stray)
+
+        wait_for(collected, DEADLINE, "busd to collect it")
+    assert f"Collected PID {stray}, a process left to busd (exit 5)" in (
+        daemon.log_text()
+    )
+    assert daemon.stop() == 0
+
+
 def test_a_missing_broker_directory_is_reported_and_the_instance_fails(
     start_busd, tmp_path
 ):
