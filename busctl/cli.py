@@ -49,6 +49,7 @@ examples:
   busctl logs -f
   busctl restart orders:1
   busctl scale orders 4
+  busctl dead replay --all
 
 The socket is --socket, else $BUSD_SOCKET, else /run/busd/busd.sock.
 {EXIT_STATUS}
@@ -78,6 +79,14 @@ EXAMPLES = {
     "scale": ["busctl scale orders 4", "busctl --timeout 60 scale orders 16"],
     "reload": ["busctl reload"],
     "shutdown": ["busctl shutdown"],
+    "dead": [
+        "busctl dead",
+        "busctl dead show 3",
+        "busctl dead replay 3 4",
+        "busctl dead replay --all",
+        "busctl dead drop --all",
+        "busctl --json dead list",
+    ],
 }
 
 
@@ -119,6 +128,17 @@ def _count(text: str) -> int:
 
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
+
+
+def _letter_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) > 0):
+        import argparse  # loaded already: only argparse calls this
+
+        raise argparse.ArgumentTypeError(
+            f"expected a dead letter's ID (a whole number > 0, from `busctl dead "
+            f"list`), got {text!r}"
+        )
+    return int(text)
 
 
 def _target(text: str) -> tuple[str, int | None]:
@@ -272,6 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("reload", help="reload the configuration (like SIGHUP)")
     command("shutdown", help="stop busd")
+    dead = command(
+        "dead",
+        help="list, show, replay or drop dead letters",
+        description="Messages a broker gave up on (max_retries, ack_timeout, or "
+        "its broker\nremoved from the config) wait in busd's dead-letter store "
+        "until you act.\nWithout an action: list them. `replay` publishes each "
+        "message again on\nits channel, as a new message to every broker "
+        "there; one refused (a\nbusy broker: exit 75; no broker on the "
+        "channel: exit 1) stays stored.\n`drop` removes them for good.",
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="every dead letter in short (the default)")
+    show = actions.add_parser("show", help="one dead letter whole")
+    show.add_argument("id", metavar="ID", type=_letter_id, help="its ID")
+    for name, help_text in (
+        ("replay", "publish dead letters again on their channels"),
+        ("drop", "remove dead letters for good"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument(
+            "ids", metavar="ID", nargs="*", type=_letter_id, help="letters' IDs"
+        )
+        action.add_argument("--all", action="store_true", help="every dead letter")
     return parser
 
 
@@ -343,9 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
+        # Before connecting: bad input is a usage error, busd up or not.
         if args.command == "publish" and args.json_message and args.message != "-":
-            # Before connecting: bad input is a usage error, busd up or not.
             args.message = _json_loader()(args.message)
+        if (
+            args.command == "dead"
+            and args.action in ("replay", "drop")
+            and args.all == bool(args.ids)
+        ):
+            raise UsageError(
+                f"dead {args.action}: name the letters (IDs from `busctl dead "
+                "list`) or --all, not both"
+            )
         with Client(args.socket, timeout=args.timeout) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as error:
@@ -546,6 +598,12 @@ def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_dead(client: Client, args: argparse.Namespace) -> int:
+    from busctl.dead import run
+
+    return run(client, args)
+
+
 COMMANDS = {
     "ping": cmd_ping,
     "state": cmd_state,
@@ -559,6 +617,7 @@ COMMANDS = {
     "scale": cmd_scale,
     "reload": cmd_reload,
     "shutdown": cmd_shutdown,
+    "dead": cmd_dead,
 }
 
 

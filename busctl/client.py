@@ -283,6 +283,53 @@ class Client:
             return self._call_for_map(op, broker=broker)
         return self._call_for_map(op, broker=broker, instance=instance)
 
+    def dead_list(self, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """One page of dead letters in short, oldest first, ids over ``after``.
+
+        ``{"letters": [...], "more", "count", "overflowed"}``; ``more`` says
+        a next page (``after`` the last id) has more. :meth:`dead_letters`
+        reads every page.
+        """
+        if limit is None:
+            return self._call_for_map("dead_list", after=after)
+        return self._call_for_map("dead_list", after=after, limit=limit)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Every dead letter in short (``id``, ``message_id``, ``channel``,
+        ``broker``, ``attempts``, ``when``, ``error``, ``preview``)."""
+        letters: list[dict[str, Any]] = []
+        page = self.dead_list()
+        letters += page["letters"]
+        while page["more"] and page["letters"]:
+            page = self.dead_list(after=page["letters"][-1]["id"])
+            letters += page["letters"]
+        return letters
+
+    def dead_show(self, letter_id: int) -> dict[str, Any]:
+        """Dead letter ``letter_id`` whole: its message and errors.
+
+        :class:`BusError` ``not_found`` when the store has no such letter.
+        """
+        return self._call_for_map("dead_show", letter=letter_id)
+
+    def dead_replay(self, *letter_ids: int, every: bool = False) -> dict[str, Any]:
+        """Publish these dead letters' messages again (``every``: all of them).
+
+        Each goes to its channel as a new message. The answer lists the
+        ``replayed`` ones (``id``, ``message_id``, ``brokers``) and those
+        ``kept`` in the store, by reason (``error``, ``code``, ``ids``):
+        a busy broker, a channel no broker listens on any more.
+        """
+        if every:
+            return self._call_for_map("dead_replay", all=True)
+        return self._call_for_map("dead_replay", ids=list(letter_ids))
+
+    def dead_drop(self, *letter_ids: int, every: bool = False) -> dict[str, Any]:
+        """Remove these dead letters for good (``every``: all of them)."""
+        if every:
+            return self._call_for_map("dead_drop", all=True)
+        return self._call_for_map("dead_drop", ids=list(letter_ids))
+
     def reload(self) -> dict[str, Any]:
         """Ask busd to reload its configuration (like SIGHUP)."""
         return self._call_for_map("reload")

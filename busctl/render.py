@@ -39,6 +39,7 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
         f"Threads: {process.get('threads', '?')}",
         f"   Clients: {state.get('clients', 0)}   Published: "
         f"{state.get('published', 0)}   Unrouted: {state.get('unrouted', 0)}",
+        _dead_letters_line(state),
     ]
     brokers = state.get("brokers") or {}
     if brokers:
@@ -46,6 +47,15 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
     else:
         lines.append("   Brokers: none configured")
     return "\n".join(lines)
+
+
+def _dead_letters_line(state: dict[str, Any]) -> str:
+    """How many dead letters wait for an operator; how many the bound dropped."""
+    count, dropped = state.get("dead_letters", 0), state.get("dead_letters_overflowed")
+    line = f"      Dead: {count} letters" + (" (`busctl dead list`)" if count else "")
+    if dropped:
+        line += f"; {dropped} oldest dropped (store full: max_dead_letters)"
+    return line
 
 
 def _brokers_lines(brokers: dict[str, dict[str, Any]]) -> list[str]:

@@ -126,6 +126,15 @@ def run(args: argparse.Namespace) -> int:
     # maps OpenSSL into the process for nothing (about 4 MiB of RSS, measured
     # in bench/control.py); marking ssl as absent makes asyncio skip it.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from busd.control.activation import ActivationError, take_control_socket
+
+    # Before the fork server starts: it and the workers must not inherit
+    # systemd's LISTEN_* variables (busd/control/activation.py).
+    try:
+        control_socket = take_control_socket()
+    except ActivationError as error:
+        print(f"busd: {error}", file=sys.stderr)
+        return EX_CONFIG
     # Daemonized, the fork server would be left behind by the fork; the
     # supervisor starts it after that.
     spawner = None if args.daemonize else launch_fork_server_early(args)
@@ -147,7 +156,11 @@ def run(args: argparse.Namespace) -> int:
 
         check_names(config)
         daemon = Daemon(
-            config, config_path=config_path, overrides=overrides, spawner=spawner
+            config,
+            config_path=config_path,
+            overrides=overrides,
+            spawner=spawner,
+            control_socket=control_socket,
         )
     except (ConfigError, ValueError) as error:
         _let_go(spawner)

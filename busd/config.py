@@ -104,6 +104,7 @@ class DaemonConfig:
     strict_channels: bool = False
     spool: str = ""
     spool_fsync: str = "always"
+    max_dead_letters: int = 10000
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ def _parse_daemon(t: _Table) -> DaemonConfig:
         spool_fsync=t.get(
             "spool_fsync", d.spool_fsync, _choice(("always", "interval", "never"))
         ),
+        max_dead_letters=t.get("max_dead_letters", d.max_dead_letters, _integer(1)),
     )
     t.reject_unknown()
     return config

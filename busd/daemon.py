@@ -34,8 +34,10 @@ from busd._version import __version__
 from busd.bus import Bus, states
 from busd.config import Config, ConfigError, Overrides, load_config
 from busd.control.access import AccessPolicy, access_policy
+from busd.control.activation import InheritedSocket
 from busd.control.server import ControlServer
 from busd.control.settings import server_settings
+from busd.deadletters import DeadLetters
 from busd.events import EventHub
 from busd.ioloop import IOLoop
 from busd.logs import LogRing, bus_log_listener, setup_logging
@@ -72,8 +74,11 @@ class Daemon:
         config_path: str | None = None,
         overrides: Overrides | None = None,
         spawner: Spawner | None = None,
+        control_socket: InheritedSocket | None = None,
     ) -> None:
-        """``spawner``: the fork server, if started already (busd/spawner.py)."""
+        """``spawner``: the fork server, if started already (busd/spawner.py).
+        ``control_socket``: the listening socket systemd passed, served
+        instead of binding ``[busd] socket`` (busd/control/activation.py)."""
         self.config_path = config_path
         self.overrides = overrides or Overrides()
         self.config = config
@@ -85,7 +90,10 @@ class Daemon:
         self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
 
         self.events = EventHub()
-        self.router = Router(strict_channels=settings.strict_channels)
+        self.router = Router(
+            strict_channels=settings.strict_channels,
+            dead_letters=DeadLetters(settings.max_dead_letters),
+        )
         self.ioloop = IOLoop(self.bus)
         self.launcher = WorkerLauncher(
             settings.socket,
@@ -111,7 +119,8 @@ class Daemon:
             self.launcher,
             clients=lambda: self.control.clients,
             config_path=config_path,
-            socket_path=settings.socket,
+            # The path clients reach: systemd's, when it passed the socket.
+            socket_path=control_socket.path if control_socket else settings.socket,
         )
         self.ops = build_ops(
             OpServices(
@@ -132,6 +141,7 @@ class Daemon:
             server_settings(config),
             self.ops,
             access_policy(config),
+            inherited=control_socket,
         )
         self.signals = SignalHandler(self.bus)
         self.pidfile = PIDFile(self.bus, settings.pidfile)
@@ -171,13 +181,17 @@ class Daemon:
         if settings.spool:
             # Opened here, after the PID file is ours: no other busd reads it.
             self.router.use_spool(Spool(settings.spool, settings.spool_fsync))
+            # Its dead letters beside it: kept across restarts too.
+            self.router.use_dead_letters(
+                DeadLetters(settings.max_dead_letters, settings.spool)
+            )
 
     def _started(self) -> None:
         self.report.mark_started()
         log.info(
             "busd %s ready on %s (PID %d)",
             __version__,
-            self.config.busd.socket,
+            self.control.path,
             os.getpid(),
         )
 
@@ -226,6 +240,9 @@ class Daemon:
         self.config = new
         self.ioloop.call_soon(
             setattr, self.router, "strict_channels", new.busd.strict_channels
+        )
+        self.ioloop.call_soon(
+            self.router.dead_letters.set_limit, new.busd.max_dead_letters
         )
         self.supervisor.reconfigure(new)
         log.info("Reloaded configuration from %s", self.config_path or "defaults")

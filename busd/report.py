@@ -86,6 +86,8 @@ class Report:
             "clients": self.clients(),
             "published": self.router.published,
             "unrouted": self.router.unrouted,
+            "dead_letters": len(self.router.dead_letters),
+            "dead_letters_overflowed": self.router.dead_letters.overflowed,
             "brokers": {
                 name: self.broker(broker)
                 for name, broker in self.supervisor.brokers.items()

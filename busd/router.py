@@ -12,8 +12,10 @@ whoever published it (a ``publish`` op, a worker, a dead letter):
   records each route's settlement;
 - it hands the message to each route as a ``Delivery`` and, for
   ``publish --wait``, counts the routes' outcomes until all are in;
-- a message a route gave up on (``dead``) is published on the ``dead``
-  channel, as a letter saying why;
+- a message a route gave up on (``dead``) is kept in the dead-letter
+  store (busd/deadletters.py) until an operator replays or drops it, and
+  published on the ``dead`` channel, as a letter saying why, for brokers
+  that want it (a letter that dies there is stored, not published again);
 - control clients subscribed to the channel get it too.
 
 A **route** is anything with the :class:`Route` methods. Today every route
@@ -32,8 +34,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from busd.deadletters import DeadLetters
 from busd.protocol import DEAD_CHANNEL, ErrorCode, ProtocolError, is_channel_name
-from busd.spool import Spool, SpoolError
+from busd.spool import Pending, Spool, SpoolError
 from busd.supervision.delivery import Delivery, Outcome
 
 log = logging.getLogger("busd")
@@ -68,9 +71,13 @@ class Route(Protocol):
 class Router:
     """Channels to routes; every message in, every settlement back."""
 
-    def __init__(self, strict_channels: bool = False) -> None:
+    def __init__(
+        self, strict_channels: bool = False, dead_letters: DeadLetters | None = None
+    ) -> None:
         #: Refuse messages for channels no route takes (``unknown_channel``).
         self.strict_channels = strict_channels
+        #: Where dead messages are kept (in memory until a spool brings a file).
+        self.dead_letters = dead_letters if dead_letters is not None else DeadLetters()
         self.routes: dict[str, list[Route]] = {}
         self._sources: dict[str, list[Route]] = {}
         self._by_name: dict[str, Route] = {}
@@ -93,11 +100,17 @@ class Router:
         self._ids = itertools.count(spool.last_id + 1)
         self._restored = False
 
+    def use_dead_letters(self, store: DeadLetters) -> None:
+        """Keep dead letters in ``store`` from now on (the spool's, at start)."""
+        self.dead_letters = store
+
     def close_spool(self) -> None:
-        """Close the spool (at stop, once no route works any more)."""
+        """Close the spool and the dead letters' file (at stop, once no route
+        works any more)."""
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        self.dead_letters.close()
 
     def set_routes(self, source: str, routes: Iterable[Route]) -> None:
         """The routes of ``source`` (``"local"``: the brokers) are now ``routes``."""
@@ -120,21 +133,42 @@ class Router:
             for name in sorted(entry.brokers):
                 route = self._by_name.get(name)
                 if route is None:
-                    log.error(
-                        "Spooled message %d is for broker %s, which is no longer "
-                        "configured; it stays in the spool",
-                        entry.id,
-                        name,
-                    )
+                    self._bury_for_lost_route(spool, entry, name)
                     continue
                 route.restore(
                     Delivery(entry.id, entry.channel, entry.message, redelivered=True)
                 )
 
+    def _bury_for_lost_route(self, spool: Spool, entry: Pending, route: str) -> None:
+        """A spooled message's broker is gone from the config: keep it dead.
+
+        Left in the spool it would wait for ever for a broker that never
+        comes; in the dead-letter store an operator sees it and can replay
+        it to the channel's brokers of today.
+        """
+        error = f"broker {route} is no longer configured (found in the spool at start)"
+        letter, stored = self.dead_letters.add(
+            entry.id, entry.channel, entry.message, route, 0, [error]
+        )
+        log.error(
+            "Spooled message %d is for broker %s, which is no longer configured; "
+            "it is dead letter %d (`busctl dead show %d`)",
+            entry.id,
+            route,
+            letter.id,
+            letter.id,
+        )
+        if stored:
+            spool.settle(entry.id, route)
+
     # -- messages in ----------------------------------------------------------------
 
     def publish(
-        self, channel: str, message: Any, when_settled: WhenSettled | None = None
+        self,
+        channel: str,
+        message: Any,
+        when_settled: WhenSettled | None = None,
+        needs_route: bool = False,
     ) -> dict[str, Any]:
         """Accept ``message`` on ``channel``; return the ``publish`` answer.
 
@@ -142,13 +176,14 @@ class Router:
         is called once every route settled it, unless no route took it
         (``brokers`` is 0: the caller answers at once). Raises ``busy`` (a
         route is full, or the spool cannot record it) or, with
-        ``strict_channels``, ``unknown_channel``.
+        ``strict_channels`` or ``needs_route``, ``unknown_channel``.
         """
         routes = self.routes.get(channel, ())
-        if not routes and self.strict_channels:
+        if not routes and (self.strict_channels or needs_route):
             raise ProtocolError(
                 ErrorCode.UNKNOWN_CHANNEL,
-                f"no broker listens on channel {channel!r} (strict_channels is on)",
+                f"no broker listens on channel {channel!r}"
+                + (" (strict_channels is on)" if self.strict_channels else ""),
             )
         for route in routes:
             reason = route.busy_reason()
@@ -192,15 +227,28 @@ class Router:
         self, route: str, delivery: Delivery, outcome: Outcome, error: str
     ) -> None:
         """``route`` is done with ``delivery``: acked, or dead after ``error``."""
-        if self._spool is not None:
+        forget = True
+        if outcome == "dead":
+            # Stored before the spool forgets it: a crash in between leaves
+            # the message in both (delivered again), never in neither.
+            letter, forget = self.dead_letters.add(
+                delivery.id,
+                delivery.channel,
+                delivery.message,
+                route,
+                delivery.attempts,
+                delivery.errors,
+            )
+        if self._spool is not None and forget:
             self._spool.settle(delivery.id, route)
         delivery.settle(outcome)
         if outcome == "dead" and delivery.channel != DEAD_CHANNEL:
-            # A dead letter that dies stays dead: no letter about a letter.
-            self._publish_dead(route, delivery)
+            # A dead letter that dies there is stored, and not published
+            # again: no letter about a letter.
+            self._publish_dead(route, delivery, letter.id)
 
-    def _publish_dead(self, route: str, delivery: Delivery) -> None:
-        """Send a message that failed too often to the ``dead`` channel."""
+    def _publish_dead(self, route: str, delivery: Delivery, letter_id: int) -> None:
+        """Tell the ``dead`` channel's brokers and subscribers of a dead message."""
         letter = {
             "broker": route,
             "id": delivery.id,
@@ -208,15 +256,25 @@ class Router:
             "message": delivery.message,
             "attempts": delivery.attempts,
             "errors": delivery.errors,
+            "letter": letter_id,
         }
+        if not self.routes.get(DEAD_CHANNEL):
+            # No broker takes the channel: the store keeps the letter, so
+            # it is not an unrouted message (nor, with strict_channels, a
+            # refused one); subscribers still hear of it.
+            self._tell_subscribers(DEAD_CHANNEL, letter)
+            return
         try:
             self.publish(DEAD_CHANNEL, letter)
         except ProtocolError as refusal:
             log.error(
-                "Dead letter %d could not be queued (%s); it stays in this log: %r",
+                "Dead letter %d (message %d of broker %s) could not be published "
+                "on the %r channel (%s); it is kept in the dead-letter store",
+                letter_id,
                 delivery.id,
+                route,
+                DEAD_CHANNEL,
                 refusal.message,
-                letter,
             )
 
     # -- control clients subscribed to channels -----------------------------------

@@ -13,13 +13,18 @@ msgpack map)::
     {"s": id, "b": broker}                                       settled
     {"last": id}           the highest id so far (first record after a rewrite)
 
-A torn last frame (busd died mid-write) is ignored. A damaged file does
-not stop busd: a record that is not one of ours is skipped, a header no
-record can have ends the reading there, what came before is delivered,
-and the file as it was is copied aside (``busd.spool.damaged-TIME``)
-before the compaction at start rewrites it. When the file holds
-mostly settled records it is rewritten with the live ones only (a new
-file, fsynced, renamed over the old: a crash leaves one or the other).
+The file is read and written by the rules of busd/recordfile.py (shared
+with the dead letters): a torn last frame (busd died mid-write) is
+ignored; a damaged file does not stop busd: a record that is not one of
+ours is skipped, a header no record can have ends the reading there, what
+came before is delivered, and the file as it was is copied aside
+(``busd.spool.damaged-TIME``) before the compaction at start rewrites it.
+When the file holds mostly settled records it is rewritten with the live
+ones only (a new file, fsynced, renamed over the old: a crash leaves one
+or the other).
+
+A message given up on (``dead``) leaves the spool once the dead-letter
+store (busd/deadletters.py, a file of its own beside this one) holds it.
 
 ``fsync`` decides what a crash of the *machine* may lose: ``always``
 fsyncs every write (nothing), ``interval`` at most every
@@ -30,15 +35,14 @@ page cache once ``write`` returned.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from busd.protocol import HEADER, ProtocolError, decode_body, encode_frame
+from busd.protocol import encode_frame
+from busd.recordfile import read_records, replace, write_all
 
 log = logging.getLogger("busd")
 
@@ -47,8 +51,6 @@ FSYNC_MODES = ("always", "interval", "never")
 FSYNC_INTERVAL = 0.05
 # Rewrite the file once it is this large and mostly settled records.
 COMPACT_BYTES = 4 << 20
-# A header announcing more than this is damage, not a record.
-MAX_RECORD = 1 << 31
 
 
 class SpoolError(OSError):
@@ -87,52 +89,7 @@ class Spool:
     # -- reading at start -------------------------------------------------------
 
     def _load(self) -> None:
-        try:
-            with open(self.path, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            return
-        # Frame by frame, so that damage keeps what comes before it: a
-        # header no record can have stops the reading there; a record that
-        # is not one of ours is skipped (its length still leads to the next).
-        damaged = False
-        start, end = 0, len(data)
-        while end - start >= HEADER.size:
-            (length,) = HEADER.unpack_from(data, start)
-            body_start = start + HEADER.size
-            torn = end - body_start < length
-            # Every record is a small map: a torn one starts like one too.
-            if length > MAX_RECORD or (
-                torn and body_start < end and data[body_start] & 0xF0 != 0x80
-            ):
-                log.error(
-                    "Spool %s is unreadable from byte %d on (a record of %d bytes "
-                    "announced, %d bytes left); the records before it are kept",
-                    self.path,
-                    start,
-                    length,
-                    end - body_start,
-                )
-                damaged = True
-                start = end
-                break
-            if torn:
-                break  # busd died while writing the last record
-            try:
-                self._apply(decode_body(data[body_start : body_start + length]))
-            except (ProtocolError, ValueError) as error:
-                log.warning("Spool %s: unreadable record skipped: %s", self.path, error)
-                damaged = True
-            start = body_start + length
-        if start < end:
-            log.warning(
-                "Spool %s ends with a torn record (%d bytes; busd died while "
-                "writing it): ignored",
-                self.path,
-                end - start,
-            )
-        if damaged:
-            self._keep_damaged_copy()
+        read_records(self.path, "Spool", self._apply)
         if self.pending:
             log.info(
                 "Spool %s: %d messages to deliver again", self.path, len(self.pending)
@@ -165,23 +122,6 @@ class Spool:
         else:
             keys = sorted(map(str, record))[:5]
             raise ValueError(f"not a spool record (keys {keys})")
-
-    def _keep_damaged_copy(self) -> None:
-        """Copy the damaged file aside before the compaction rewrites it:
-        what could not be read is not destroyed."""
-        copy = f"{self.path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
-        try:
-            shutil.copyfile(self.path, copy)
-        except OSError as error:
-            log.error(
-                "Spool %s: cannot keep a copy of the damaged file: %s",
-                self.path,
-                error.strerror or error,
-            )
-            return
-        log.error(
-            "Spool %s was damaged; the file as it was is kept as %s", self.path, copy
-        )
 
     # -- writing -------------------------------------------------------------------
 
@@ -220,26 +160,28 @@ class Spool:
             self._compact()
 
     def _compact(self) -> None:
-        """Rewrite the file if the disk lets us; otherwise keep appending."""
-        try:
-            self._rewrite()
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path + ".new")
-            log.warning(
-                "Spool %s: cannot compact it (%s); keeping it as it is",
-                self.path,
-                error.strerror or error,
+        """Rewrite the file with the pending messages only, if the disk lets us;
+        otherwise keep appending."""
+        # Settled records go, but message ids must not start over.
+        frames = [encode_frame({"last": self.last_id})]
+        frames += [
+            encode_frame(
+                {"a": e.id, "c": e.channel, "m": e.message, "b": sorted(e.brokers)}
             )
+            for e in self.pending.values()
+        ]
+        if not replace(self.path, frames, "Spool"):
+            return
+        self._settled_records = 0
+        if self._fd is not None:  # None while _load() compacts
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o640)
 
     def _append(self, data: bytes) -> None:
         if self._fd is None:
             raise SpoolError(f"the spool {self.path} is closed")
-        size = os.fstat(self._fd).st_size
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, data)
             if self.fsync == "always" or (
                 self.fsync == "interval"
                 and time.monotonic() - self._last_sync > FSYNC_INTERVAL
@@ -247,46 +189,9 @@ class Spool:
                 os.fsync(self._fd)
                 self._last_sync = time.monotonic()
         except OSError as error:
-            # A record cut short would garble every record after it: take
-            # the partial bytes back out.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, size)
             raise SpoolError(
                 f"cannot write the spool {self.path}: {error.strerror or error}"
             ) from None
-
-    def _rewrite(self) -> None:
-        """Replace the file with one holding the pending messages only."""
-        temporary = self.path + ".new"
-        # The spool's own mode, not open()'s 0o666: this file becomes the spool.
-        with os.fdopen(
-            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640), "wb"
-        ) as file:
-            # Settled records go, but message ids must not start over.
-            file.write(encode_frame({"last": self.last_id}))
-            for entry in self.pending.values():
-                file.write(
-                    encode_frame(
-                        {
-                            "a": entry.id,
-                            "c": entry.channel,
-                            "m": entry.message,
-                            "b": sorted(entry.brokers),
-                        }
-                    )
-                )
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        self._settled_records = 0
-        if self._fd is not None:  # None while _load() compacts
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o640)
 
     def close(self) -> None:
         """Flush and close the file."""

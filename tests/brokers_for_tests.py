@@ -181,3 +181,13 @@ class HangOn(Recorder):
         super().handle(channel, message)
         if message == os.environ.get("HANG_ON"):
             threading.Event().wait()
+
+
+class FailUnlessFixed(Recorder):
+    """Fails every delivery until its config says ``FIXED = "1"`` in ``env``
+    (a handler that always raises, then fixed by a reload)."""
+
+    def handle(self, channel: str, message: Any) -> None:
+        super().handle(channel, message)
+        if os.environ.get("FIXED") != "1":
+            raise RuntimeError(f"cannot handle {message!r} yet")

@@ -464,3 +464,13 @@ def record_log(bus: Any) -> list[tuple[str, int]]:
     lines: list[tuple[str, int]] = []
     bus.subscribe("log", lambda msg, level: lines.append((msg, level)))
     return lines
+
+
+def default_sigint() -> None:
+    """Give a child SIGINT at its default, as a terminal does (a preexec_fn).
+
+    A test run started in the background inherits SIGINT *ignored*, and a
+    Python started so keeps ignoring it: a Ctrl-C test would then wait for
+    an interrupt its program never sees.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

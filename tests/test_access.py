@@ -253,9 +253,21 @@ def test_writer_groups_may_publish(start_busd):
 
 # -- every op, for each kind of caller -------------------------------------------------
 
-READ_OPS = ("hello", "ping", "state", "subscribe", "events", "logs", "cancel")
+READ_OPS = (
+    "hello",
+    "ping",
+    "state",
+    "subscribe",
+    "events",
+    "logs",
+    "cancel",
+    "dead_list",
+    "dead_show",
+)
 WRITE_OPS = (
     "publish",
+    "dead_replay",
+    "dead_drop",
     "broker_start",
     "broker_stop",
     "broker_restart",
@@ -263,7 +275,8 @@ WRITE_OPS = (
     "reload",
     "shutdown",
 )
-#: Each op's arguments. The broker ops name a broker that does not exist
+#: Each op's arguments. The broker ops name a broker that does not exist,
+#: the dead-letter ops a letter that does not exist,
 #: and ``shutdown`` gets an argument it does not take: an allowed caller
 #: gets past the access check to the op's own refusal, and busd keeps
 #: running for the next caller. ``cancel`` ends this connection's
@@ -279,11 +292,19 @@ ARGUMENTS: dict[str, dict[str, Any]] = {
     "broker_restart": {"broker": "absent"},
     "scale": {"broker": "absent", "instances": 1},
     "shutdown": {"now": True},
+    "dead_show": {"letter": 1},
+    "dead_replay": {"ids": [1]},
+    "dead_drop": {"ids": [1]},
 }
 NO_BROKER = ["not_found", "no broker 'absent' (configured: none)"]
+NO_LETTER = [
+    "not_found",
+    "no dead letter 1 (the store holds no letters; `busctl dead list` shows them)",
+]
 #: What an allowed caller gets: the answer of an op that ran.
 ALLOWED = {
     **{op: ["ok"] for op in (*READ_OPS, "publish", "reload")},
+    **{op: NO_LETTER for op in ("dead_show", "dead_replay", "dead_drop")},
     **{op: NO_BROKER for op in ("broker_start", "broker_stop", "broker_restart")},
     "scale": NO_BROKER,
     "shutdown": ["bad_request", "'shutdown' takes no argument 'now' (it takes: none)"],

@@ -190,6 +190,7 @@ def test_plain_broker_nacks_non_strings_into_the_dead_channel(
         "message": [1, 2],
         "attempts": MAX_RETRIES + 1,
         "errors": [error] * (MAX_RETRIES + 1),
+        "letter": 1,  # its id in the dead-letter store
     }
     # The broker's "ERROR: " prefix became the level of its lines.
     failures = [e for e in log_messages(plain, "plain") if error in e["message"]]

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from cherrypy.process import wspbus as cherrypy_wspbus
 from cherrypy.process.plugins import SimplePlugin
-from helpers import record_log
+from helpers import default_sigint, record_log
 
 from busd import bus as busd_bus
 
@@ -875,6 +875,7 @@ class Child:
             text=True,
             env=env,
             cwd=os.path.dirname(script),
+            preexec_fn=default_sigint,  # the Ctrl-C scenario needs it
         )
         self.pid = self.proc.pid
         self.raw: list[str] = []

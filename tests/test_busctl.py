@@ -22,7 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from helpers import assert_one_line_error, busctl, busctl_env, wait_for
+from helpers import (
+    assert_one_line_error,
+    busctl,
+    busctl_env,
+    default_sigint,
+    wait_for,
+)
 
 from busctl.client import Client
 from busd import __version__
@@ -49,6 +55,10 @@ class LongRunning:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=busctl_env(),
+            # Ctrl-C in a terminal: SIGINT at its default. A test run started
+            # in the background inherits SIGINT ignored, and Python keeps an
+            # ignored SIGINT ignored: busctl would never see the interrupt.
+            preexec_fn=default_sigint,
         )
         self._pending = b""
 

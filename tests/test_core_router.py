@@ -9,12 +9,15 @@ worker processes (tests/core_fakes.py).
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from core_fakes import Harness, broker_config, run, wait_until
 
+from busd.deadletters import DeadLetter, DeadLetters
 from busd.protocol import DEAD_CHANNEL, ErrorCode, ProtocolError
 from busd.router import Router
 from busd.spool import Spool, SpoolError
@@ -190,18 +193,56 @@ def test_a_dead_message_becomes_a_letter_on_the_dead_channel() -> None:
         "message": {"order": 7},
         "attempts": 3,
         "errors": ["e1", "e2", "e3"],
+        "letter": 1,
     }
-    # A letter that dies stays dead: no letter about the letter.
+    # A letter that dies stays dead: no letter about the letter; the store
+    # keeps it, as it keeps the first.
     router.settle("grave", letter, "dead", "no")
     assert grave.accepted == [letter]
     assert router.published == 2
+    stored = [(d.id, d.message_id, d.channel, d.broker) for d in letters(router)]
+    assert stored == [(1, 1, "main", "jobs"), (2, 2, DEAD_CHANNEL, "grave")]
     # And an ack is no letter at all.
     router.publish("main", "ok")
     router.settle("jobs", jobs.accepted[1], "acked", "")
     assert len(grave.accepted) == 1
+    assert len(router.dead_letters) == 2
 
 
-def test_a_dead_letter_that_cannot_be_queued_is_logged_not_raised(
+def letters(router: Router) -> list[DeadLetter]:
+    return list(router.dead_letters.letters.values())
+
+
+def test_a_dead_message_with_no_broker_on_dead_is_kept_not_unrouted() -> None:
+    """Before the store, such a message was counted unrouted and gone (its
+    content only in log lines)."""
+    router = Router()
+    jobs = FakeRoute("jobs", "main")
+    router.set_routes("local", [jobs])
+    heard: list[Any] = []
+    router.subscribe(DEAD_CHANNEL, lambda channel, message: heard.append(message))
+    router.publish("main", {"order": 8})
+    failed = jobs.accepted[0]
+    failed.attempts, failed.errors = 2, ["KeyError: 'qty'", "KeyError: 'qty'"]
+    router.settle("jobs", failed, "dead", "KeyError: 'qty'")
+    assert (router.published, router.unrouted) == (1, 0)
+    [letter] = letters(router)
+    assert letter.record() == {
+        "id": 1,
+        "message_id": 1,
+        "channel": "main",
+        "message": {"order": 8},
+        "broker": "jobs",
+        "attempts": 2,
+        "errors": ["KeyError: 'qty'", "KeyError: 'qty'"],
+        "when": letter.when,
+    }
+    assert time.time() - 60 < letter.when <= time.time()
+    # Subscribers of "dead" still hear of it.
+    assert [m["letter"] for m in heard] == [1]
+
+
+def test_a_dead_letter_that_cannot_be_queued_is_logged_and_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     router = Router(strict_channels=True)
@@ -212,24 +253,29 @@ def test_a_dead_letter_that_cannot_be_queued_is_logged_not_raised(
     with caplog.at_level(logging.ERROR, logger="busd"):
         router.settle("jobs", jobs.accepted[0], "dead", "e")
     assert grave.accepted == []
-    letter = {
-        "broker": "jobs",
-        "id": 1,
-        "channel": "main",
-        "message": "m",
-        "attempts": 0,
-        "errors": [],
-    }
     assert caplog.messages == [
-        "Dead letter 1 could not be queued (grave is full; try again later); "
-        f"it stays in this log: {letter!r}"
+        "Dead letter 1 (message 1 of broker jobs) could not be published on the "
+        "'dead' channel (grave is full; try again later); it is kept in the "
+        "dead-letter store"
     ]
-    # strict_channels and no route on "dead": logged too.
+    assert [d.message for d in letters(router)] == ["m"]
+    # strict_channels and no route on "dead": kept, and nothing to say.
+    caplog.clear()
     router.set_routes("local", [jobs])
     router.publish("main", "n")
     with caplog.at_level(logging.ERROR, logger="busd"):
         router.settle("jobs", jobs.accepted[1], "dead", "e")
-    assert "Dead letter 2 could not be queued (no broker listens" in caplog.text
+    assert caplog.messages == []
+    assert [d.message for d in letters(router)] == ["m", "n"]
+
+
+def test_publish_needing_a_route_refuses_a_channel_without_one() -> None:
+    router = Router()
+    with pytest.raises(ProtocolError) as info:
+        router.publish("nowhere", "m", needs_route=True)
+    assert info.value.code == ErrorCode.UNKNOWN_CHANNEL
+    assert info.value.message == "no broker listens on channel 'nowhere'"
+    assert (router.published, router.unrouted) == (0, 0)
 
 
 def test_a_workers_publish_on_a_bad_channel_or_when_busy_is_logged_not_raised(
@@ -282,6 +328,54 @@ def test_publish_is_spooled_and_each_settlement_recorded(tmp_path: Path) -> None
         again.close()
 
 
+def test_a_dead_message_leaves_the_spool_for_the_dead_letters_file(
+    tmp_path: Path,
+) -> None:
+    router = Router()
+    router.use_spool(Spool(str(tmp_path)))
+    router.use_dead_letters(DeadLetters(directory=str(tmp_path)))
+    jobs = FakeRoute("jobs", "main")
+    router.set_routes("local", [jobs])
+    router.publish("main", {"n": 1})
+    jobs.accepted[0].errors.append("ValueError: no")
+    router.settle("jobs", jobs.accepted[0], "dead", "ValueError: no")
+    router.close_spool()
+    spool, store = Spool(str(tmp_path)), DeadLetters(directory=str(tmp_path))
+    try:
+        assert spool.pending == {}
+        [letter] = store.letters.values()
+        assert (letter.message_id, letter.message, letter.errors) == (
+            1,
+            {"n": 1},
+            ["ValueError: no"],
+        )
+    finally:
+        spool.close()
+        store.close()
+
+
+def test_a_dead_letter_the_disk_refuses_stays_in_the_spool(tmp_path: Path) -> None:
+    router = Router()
+    router.use_spool(Spool(str(tmp_path)))
+    store = DeadLetters(directory=str(tmp_path))
+    router.use_dead_letters(store)
+    jobs = FakeRoute("jobs", "main")
+    router.set_routes("local", [jobs])
+    router.publish("main", "m")
+    assert store._fd is not None
+    os.close(store._fd)
+    store._fd = os.open("/dev/full", os.O_WRONLY)  # ENOSPC, as a full disk
+    router.settle("jobs", jobs.accepted[0], "dead", "e")
+    assert len(store) == 1  # in memory, for this run
+    router.close_spool()
+    again = Spool(str(tmp_path))
+    try:
+        # Not lost at the next start: delivered again from the spool.
+        assert list(again.pending) == [1]
+    finally:
+        again.close()
+
+
 def test_settled_everywhere_leaves_nothing_pending(tmp_path: Path) -> None:
     router = Router()
     router.use_spool(Spool(str(tmp_path)))
@@ -319,9 +413,20 @@ def test_an_unsettled_message_is_restored_flagged_on_the_first_set_routes(
         (5, "main", "five", True),
     ]
     assert b.restored == [] and a.accepted == []
+    # The gone broker's share is a dead letter, not a spool entry for ever.
     assert caplog.messages == [
         "Spooled message 4 is for broker gone, which is no longer configured; "
-        "it stays in the spool"
+        "it is dead letter 1 (`busctl dead show 1`)"
+    ]
+    [letter] = router.dead_letters.letters.values()
+    assert (letter.message_id, letter.channel, letter.message, letter.broker) == (
+        4,
+        "main",
+        "four",
+        "gone",
+    )
+    assert letter.errors == [
+        "broker gone is no longer configured (found in the spool at start)"
     ]
     router.set_routes("local", [a, b])  # once only
     assert len(a.restored) == 2
@@ -330,8 +435,7 @@ def test_an_unsettled_message_is_restored_flagged_on_the_first_set_routes(
     router.close_spool()
     again = Spool(str(tmp_path))
     try:
-        assert again.pending[4].brokers == {"gone"}
-        assert sorted(again.pending) == [4, 5, 7]
+        assert sorted(again.pending) == [5, 7]  # 4: a acked it, gone's is dead
     finally:
         again.close()
 
@@ -432,6 +536,7 @@ def test_a_message_nacked_too_often_reaches_the_dead_channels_broker() -> None:
             "message": {"order": 1},
             "attempts": 2,
             "errors": ["KeyError 1", "KeyError 2"],
+            "letter": 1,
         }
         assert (frame["id"], frame["channel"], frame["message"]) == (
             2,
@@ -444,6 +549,11 @@ def test_a_message_nacked_too_often_reaches_the_dead_channels_broker() -> None:
         assert router.published == 2
         assert heard == [letter]
         assert len(grave.deliveries()) == 1
+        # Both are kept: the message, and the letter that died on "dead".
+        assert [(d.channel, d.broker) for d in letters(router)] == [
+            ("main", "jobs"),
+            (DEAD_CHANNEL, "grave"),
+        ]
 
     run(scenario)
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
+from helpers import default_sigint
 
 STOCK = Path(__file__).resolve().parents[1] / "examples" / "stock.py"
 
@@ -43,6 +44,7 @@ class Demo:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group, for killpg
+            preexec_fn=default_sigint,  # as in a terminal, whoever runs the tests
         )
         self.lines: list[str] = []
         self._incoming: queue.Queue[str | None] = queue.Queue()

@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 from helpers import broker, busd_run, gone, rows, wait_for, wait_states
 
+from busd.spawner import ORPHAN_MARK
+
 DEADLINE = 20.0
 
 # A handler in the broker's own directory: it writes what its process sees.
@@ -293,9 +295,9 @@ def test_busd_run_with_a_broken_config_leaves_no_fork_server(tmp_path):
     config.write_text(
         '[brokers.rec]\nhandler = "brokers_for_tests:Recorder"\nuser = "no-such-user"\n'
     )
-    before = {p.pid for p in psutil.process_iter() if p.name() == "busd-forkserver"}
+    socket_path = str(tmp_path / "busd.sock")
     run = subprocess.run(
-        busd_run(config, str(tmp_path / "busd.sock"), str(tmp_path / "busd.pid")),
+        busd_run(config, socket_path, str(tmp_path / "busd.pid")),
         capture_output=True,
         text=True,
         timeout=DEADLINE,
@@ -303,8 +305,23 @@ def test_busd_run_with_a_broken_config_leaves_no_fork_server(tmp_path):
     )
     assert run.returncode == 78, run.stderr
     assert "no-such-user" in run.stderr
-    after = {p.pid for p in psutil.process_iter() if p.name() == "busd-forkserver"}
-    assert after <= before
+    # Only this busd's: other checkouts' tests may run fork servers meanwhile.
+    assert fork_servers_of(socket_path) == []
+
+
+def fork_servers_of(socket_path: str) -> list[int]:
+    """PIDs of the fork servers started by the busd of ``socket_path``."""
+    pids = []
+    for process in psutil.process_iter():
+        try:
+            if (
+                process.name() == "busd-forkserver"
+                and process.environ().get(ORPHAN_MARK) == socket_path
+            ):
+                pids.append(process.pid)
+        except psutil.Error:
+            pass  # gone meanwhile, or not ours to read
+    return pids
 
 
 def test_without_brokers_there_is_no_fork_server_until_a_reload_adds_one(

@@ -20,6 +20,7 @@ import pytest
 from core_fakes import busd_log
 from helpers import broker, gone, records, rows, wait_for
 
+import busd.recordfile as recordfile
 import busd.spool as spool_module
 from busctl.client import BusError
 from busd.protocol import encode_frame
@@ -375,7 +376,7 @@ def test_a_damaged_spool_whose_copy_cannot_be_made_says_so(tmp_path, monkeypatch
     def refuse(source, target):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(spool_module.shutil, "copyfile", refuse)
+    monkeypatch.setattr(recordfile.shutil, "copyfile", refuse)
     with busd_log() as log:
         again = Spool(str(tmp_path))
     path = again.path

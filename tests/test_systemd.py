@@ -1,15 +1,18 @@
-"""systemd/busd.service in a real systemd: start, reload, crash, restart, stop.
+"""systemd/busd.service in a real systemd: start, reload, crash, restart, stop;
+then with systemd/busd.socket: busd started by its first client.
 
-One throw-away systemd instance per module (tests/systemd_harness.py). In
-it: the busd user from systemd/busd.sysusers, the unit exactly as shipped,
-a config with the ``orders`` broker, and one drop-in that only points
-ExecStart= at this checkout (and shows this machine's interpreter through
-ProtectHome=, see :func:`drop_in`). Everything else, the dedicated user and
-every hardening option included, is what an installation gets.
+Throw-away systemd instances (tests/systemd_harness.py): one with
+busd.service alone, one with busd.socket beside it. In each: the busd user
+from systemd/busd.sysusers, the units exactly as shipped, a config with the
+``orders`` broker, and one drop-in that only points ExecStart= at this
+checkout (and shows this machine's interpreter through ProtectHome=, see
+:func:`drop_in`). Everything else, the dedicated user and every hardening
+option included, is what an installation gets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,10 +26,13 @@ import pytest
 from helpers import wait_for
 from systemd_harness import Instance, booted, unavailable
 
+from busd.control.activation import ACTIVATION_ENVIRONMENT
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "systemd"
 VENV_BIN = Path(sys.executable).parent
 UNIT = "busd.service"
+SOCKET_UNIT = "busd.socket"
 SOCKET = "/run/busd/busd.sock"
 CONFIG_PATH = "/etc/busd/busd.toml"
 HOME_DIRS = ("/root", "/home", "/run/user")
@@ -110,8 +116,10 @@ def drop_in() -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def systemd() -> Iterator[Instance]:
+@contextlib.contextmanager
+def installed(*units: str) -> Iterator[Instance]:
+    """A booted instance with the busd user, ``units`` as shipped, the
+    drop-in and the config."""
     # The instance sees the host's root filesystem only, without /tmp and /run.
     root = os.stat("/").st_dev
     binds = [
@@ -123,10 +131,26 @@ def systemd() -> Iterator[Instance]:
         sysusers = "/etc/sysusers.d/busd.conf"
         instance.install((UNIT_DIR / "busd.sysusers").read_text(), sysusers)
         instance.run("systemd-sysusers", sysusers)
-        instance.install((UNIT_DIR / UNIT).read_text(), f"/etc/systemd/system/{UNIT}")
+        for unit in units:
+            text = (UNIT_DIR / unit).read_text()
+            instance.install(text, f"/etc/systemd/system/{unit}")
         instance.install(drop_in(), f"/etc/systemd/system/{UNIT}.d/test.conf")
         instance.install(config(), CONFIG_PATH)
         instance.systemctl("daemon-reload")
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def systemd() -> Iterator[Instance]:
+    """busd.service alone: busd binds its socket itself."""
+    with installed(UNIT) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def activated() -> Iterator[Instance]:
+    """busd.service and busd.socket: systemd holds the socket."""
+    with installed(UNIT, SOCKET_UNIT) as instance:
         yield instance
 
 
@@ -178,25 +202,37 @@ def all_running(systemd: Instance, count: int | None = None) -> dict | None:
     return described if ok and (count is None or len(rows) == count) else None
 
 
-def test_unit_files_verify_clean(systemd: Instance) -> None:
-    # As shipped, with `busd` on systemd's search path (a tmpfs on
-    # /usr/local/bin in a private mount namespace), without the drop-in;
-    # then as installed here with the drop-in. Warnings count as failures.
+def verify_shipped(systemd: Instance, *units: str) -> None:
+    """``systemd-analyze verify`` of ``units`` as shipped, with `busd` on
+    systemd's search path (a tmpfs on /usr/local/bin in a private mount
+    namespace), without the drop-in. Warnings count as failures."""
     shipped = systemd.share / "shipped"
     shipped.mkdir(exist_ok=True)
-    (shipped / UNIT).write_text((UNIT_DIR / UNIT).read_text())
+    for unit in units:
+        (shipped / unit).write_text((UNIT_DIR / unit).read_text())
     script = (
         "mount -t tmpfs tmpfs /usr/local/bin"
         " && mount -t tmpfs tmpfs /etc/systemd/system"
         f" && ln -s {VENV_BIN / 'busd'} /usr/local/bin/busd"
-        f" && systemd-analyze verify --man=no /run/harness/shipped/{UNIT}"
+        " && systemd-analyze verify --man=no"
+        + "".join(f" /run/harness/shipped/{unit}" for unit in units)
     )
-    for command in (
-        ("unshare", "-m", "sh", "-c", script),
-        ("systemd-analyze", "verify", "--man=no", UNIT),
-    ):
-        result = systemd.run(*command, check=False)
-        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    result = systemd.run("unshare", "-m", "sh", "-c", script, check=False)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def verify_installed(systemd: Instance, *units: str) -> None:
+    """``systemd-analyze verify`` of ``units`` as installed here (drop-in too)."""
+    result = systemd.run("systemd-analyze", "verify", "--man=no", *units, check=False)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def test_unit_files_verify_clean(systemd: Instance) -> None:
+    # busd.service alone (its Wants=busd.socket finds no unit: no warning),
+    # then with busd.socket beside it.
+    verify_shipped(systemd, UNIT)
+    verify_installed(systemd, UNIT)
+    verify_shipped(systemd, UNIT, SOCKET_UNIT)
 
 
 def test_start_returns_once_busd_answers(systemd: Instance) -> None:
@@ -351,7 +387,109 @@ def test_stop_leaves_no_process_and_no_socket(busd: Instance) -> None:
     assert busd.run("test", "-e", f"/sys/fs/cgroup{cgroup}", check=False).returncode
     assert worker_pids(busd) == set()
     assert fork_server_pids(busd) == set()
-    assert busd.run("test", "-e", SOCKET, check=False).returncode == 1
-    assert busd.run("test", "-e", "/run/busd", check=False).returncode == 1
+    # RuntimeDirectoryPreserve=yes keeps /run/busd (for busd.socket's file);
+    # busd removed what it made there: its socket and PID file.
+    assert busd.run("ls", "-A", "/run/busd").stdout == ""
     log = busd.journal(UNIT)
     assert "Bus EXITED" in log and "Traceback" not in log
+
+
+# -- with busd.socket: systemd holds the socket, busd starts at the first call --------
+
+
+def activation_variables(systemd: Instance, pid: int) -> set[str]:
+    """The LISTEN_* variables in the environment of process ``pid``."""
+    environ = systemd.run("cat", f"/proc/{pid}/environ").stdout.split("\0")
+    names = {entry.split("=", 1)[0] for entry in environ if entry}
+    return names & set(ACTIVATION_ENVIRONMENT)
+
+
+def test_the_first_call_starts_busd_through_the_socket(activated: Instance) -> None:
+    activated.systemctl("start", SOCKET_UNIT)
+    socket_props = activated.props(SOCKET_UNIT, "ActiveState", "SubState")
+    assert socket_props == {"ActiveState": "active", "SubState": "listening"}
+    assert activated.props(UNIT, "ActiveState")["ActiveState"] == "inactive"
+    assert worker_pids(activated) == set(), "busd not running yet"
+    listing = activated.run("stat", "-c", "%A %U:%G", SOCKET).stdout
+    assert listing == "srw-rw---- busd:busd\n", "SocketUser/Group/Mode="
+
+    # The first client's connection waits in systemd's socket until busd,
+    # started for it, accepts it and answers.
+    assert busctl(activated, "ping").strip().startswith("pong")
+    props = activated.props(UNIT, "ActiveState", "MainPID")
+    described = wait_for(lambda: all_running(activated, 2), TIMEOUT, "workers")
+    assert described["pid"] == int(props["MainPID"]) > 0
+    assert described["socket"] == SOCKET
+    journal = activated.journal(UNIT)
+    assert f"Control socket from systemd: fd 3 (control), {SOCKET}" in journal
+    # Systemd's LISTEN_* reached busd only: not the fork server, not a worker.
+    children = {described["fork_server"], *(r["pid"] for r in instances(described))}
+    assert children == fork_server_pids(activated) | worker_pids(activated)
+    for pid in children:
+        assert activation_variables(activated, pid) == set(), f"PID {pid}"
+    wait_for(
+        lambda: activated.props(UNIT, "ActiveState")["ActiveState"] == "active",
+        TIMEOUT,
+        "READY=1",
+    )
+
+
+def test_stop_leaves_the_socket_listening_for_the_next_call(
+    activated: Instance,
+) -> None:
+    if activated.props(UNIT, "ActiveState")["ActiveState"] != "active":
+        activated.systemctl("start", SOCKET_UNIT)
+        busctl(activated, "ping")
+    before = wait_for(lambda: all_running(activated, 2), TIMEOUT, "busd running")
+
+    activated.systemctl("stop", UNIT)
+    props = activated.props(UNIT, "ActiveState", "MainPID", "Result")
+    assert props == {"ActiveState": "inactive", "MainPID": "0", "Result": "success"}
+    assert worker_pids(activated) == set() and fork_server_pids(activated) == set()
+    socket_props = activated.props(SOCKET_UNIT, "ActiveState", "SubState")
+    assert socket_props == {"ActiveState": "active", "SubState": "listening"}
+    assert activated.run("test", "-S", SOCKET, check=False).returncode == 0
+
+    # The next call starts a new busd, on the same socket.
+    described = json.loads(busctl(activated, "--json", "state"))
+    assert described["pid"] not in (0, before["pid"])
+    wait_for(
+        lambda: activated.props(UNIT, "MainPID")["MainPID"] == str(described["pid"]),
+        TIMEOUT,
+        "the new busd as the unit's MainPID",
+    )
+    wait_for(lambda: all_running(activated, 2), TIMEOUT, "workers running again")
+    assert "Traceback" not in activated.journal(UNIT)
+
+
+def test_the_service_started_alone_pulls_in_the_socket(activated: Instance) -> None:
+    # Wants=busd.socket: `systemctl start busd` with busd.socket installed
+    # starts the socket first and busd is given it, as when activated.
+    for unit in (UNIT, SOCKET_UNIT):
+        activated.systemctl("stop", unit)
+    activated.systemctl("start", UNIT)
+    socket_props = activated.props(SOCKET_UNIT, "ActiveState", "SubState")
+    assert socket_props["ActiveState"] == "active"
+    main_pid = activated.props(UNIT, "MainPID")["MainPID"]
+    line = f"busd[{main_pid}]: Control socket from systemd: fd 3 (control)"
+    assert line in activated.run("journalctl", "--no-pager", "-u", UNIT).stdout
+    verify_installed(activated, UNIT, SOCKET_UNIT)
+
+
+def test_a_killed_busd_is_replaced_on_the_same_socket(activated: Instance) -> None:
+    if activated.props(UNIT, "ActiveState")["ActiveState"] != "active":
+        activated.systemctl("start", UNIT)
+    before = wait_for(lambda: all_running(activated, 2), TIMEOUT, "busd running")
+    inode = activated.run("stat", "-c", "%i", SOCKET).stdout
+    activated.run("kill", "-KILL", str(before["pid"]))
+    wait_for(
+        lambda: activated.props(UNIT, "MainPID")["MainPID"] != str(before["pid"]),
+        TIMEOUT,
+        "systemd to see busd die",
+    )
+    # Sent while no busd runs: the socket is systemd's, so the request waits
+    # in its queue and the next busd answers it.
+    described = json.loads(busctl(activated, "--json", "state"))
+    assert described["pid"] not in (0, before["pid"])
+    assert activated.run("stat", "-c", "%i", SOCKET).stdout == inode
+    wait_for(lambda: all_running(activated, 2), TIMEOUT, "workers running again")

@@ -2,7 +2,8 @@
 
 One function per op, grouped by subject: ``messages`` (publish,
 subscribe), ``brokers`` (start, stop, restart, scale), ``watch`` (events,
-logs, cancel), ``admin`` (hello, ping, state, reload, shutdown); ``args``
+logs, cancel), ``admin`` (hello, ping, state, reload, shutdown), ``dead``
+(the dead letters: list, show, replay, drop); ``args``
 holds the argument checks they share. Each op is ``op(services, ctx,
 args)``, run on the I/O loop: ``services`` (``OpServices``) is what it may
 use, ``ctx`` the request, ``args`` the request's keys besides ``id`` and
@@ -18,7 +19,7 @@ from functools import partial
 
 from busd.control.access import READ, WRITE
 from busd.control.requests import Op
-from busd.ops import admin, brokers, messages, watch
+from busd.ops import admin, brokers, dead, messages, watch
 from busd.ops.services import OpServices
 
 __all__ = ["OpServices", "build_ops"]
@@ -40,6 +41,10 @@ def build_ops(services: OpServices) -> dict[str, Op]:
         "scale": Op(partial(brokers.scale, services), WRITE),
         "reload": Op(partial(admin.reload, services), WRITE),
         "shutdown": Op(partial(admin.shutdown, services), WRITE),
+        "dead_list": Op(partial(dead.dead_list, services), READ),
+        "dead_show": Op(partial(dead.dead_show, services), READ),
+        "dead_replay": Op(partial(dead.dead_replay, services), WRITE),
+        "dead_drop": Op(partial(dead.dead_drop, services), WRITE),
     }
     names = sorted([*table, "hello"])
     table["hello"] = Op(partial(admin.hello, names, services), READ)

@@ -76,6 +76,11 @@ ARGUMENT_NAMES = [
     "instances",
     "versions",
     "client",
+    "after",
+    "limit",
+    "letter",
+    "ids",
+    "all",
     "x",
 ]
 # The arguments each op takes (busd/ops/: the names its ``check.only`` allows).
@@ -92,6 +97,10 @@ OP_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "broker_stop": ("broker", "instance"),
     "broker_restart": ("broker", "instance"),
     "scale": ("broker", "instances"),
+    "dead_list": ("after", "limit"),
+    "dead_show": ("letter",),
+    "dead_replay": ("ids", "all"),
+    "dead_drop": ("ids", "all"),
     "nosuchop": (),
 }
 # ``shutdown`` and ``reload`` take no argument and are only ever sent with
@@ -136,6 +145,13 @@ ARGUMENTS: dict[str, st.SearchStrategy[Any]] = {
     ),
     "versions": st.lists(st.integers(-1, 3), max_size=3) | values,
     "client": st.text(max_size=20) | values,
+    # The fuzzed brokers ack everything: no dead letter exists, so these
+    # reach the argument checks and the store's "not found".
+    "after": st.integers(0, 10) | out_of_range | values,
+    "limit": st.integers(0, 1001) | values,
+    "letter": st.integers(0, 10) | values,
+    "ids": st.lists(st.integers(0, 10), max_size=3) | values,
+    "all": st.booleans() | values,
     "x": values,
 }
 any_name = (st.sampled_from(ARGUMENT_NAMES) | st.text(max_size=8)).filter(
