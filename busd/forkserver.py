@@ -179,10 +179,11 @@ class ForkServer:
         """In the middle process: fork the worker, report it, exit."""
         status = 1
         try:
+            middle = os.getpid()
             worker = os.fork()
             if not worker:
                 report.close()
-                self._worker(request, fds)  # never returns
+                self._worker(request, fds, middle)  # never returns
             pidfd = os.pidfd_open(worker)
             socket.send_fds(report, [str(worker).encode()], [pidfd])
             status = 0
@@ -191,10 +192,11 @@ class ForkServer:
         finally:
             os._exit(status)
 
-    def _worker(self, request: dict[str, Any], fds: list[int]) -> None:
+    def _worker(self, request: dict[str, Any], fds: list[int], middle: int) -> None:
         """In the worker: run it, and never come back here."""
         status = 1
         try:
+            await_adoption(middle)
             status = run_worker(request, fds, self.busd_pid, self.base_path)
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1
@@ -232,25 +234,24 @@ def set_credentials(uid: int, gid: int, groups: list[int]) -> None:
     os.setuid(uid)
 
 
-def await_adoption(busd_pid: int) -> None:
-    """Wait until the middle process is gone and so busd is the parent.
+def await_adoption(middle: int) -> None:
+    """Wait until ``middle``, this process's parent, is gone.
 
     The middle process exits at once; the kernel re-parents this process
-    to busd (a child subreaper) before that exit is visible on a pidfd. If
-    busd is gone instead, the parent-death check in busd.worker.main ends
-    this process.
+    (to busd, a child subreaper) before that exit is visible on a pidfd.
+    Whoever the new parent is, the parent-death check in busd.worker.main
+    then ends this process unless it is busd.
     """
-    parent = os.getppid()
-    if parent == busd_pid:
-        return
+    if os.getppid() != middle:
+        return  # re-parented already
     try:
-        pidfd = os.pidfd_open(parent)
+        pidfd = os.pidfd_open(middle)
     except ProcessLookupError:
         return  # gone already: re-parented
     try:
         # Still the parent after the pidfd was opened: the pidfd is the
         # middle process's, not a reused PID's.
-        if os.getppid() == parent:
+        if os.getppid() == middle:
             select.select([pidfd], [], [])
     finally:
         os.close(pidfd)
@@ -264,9 +265,10 @@ def run_worker(
     Sets up what ``subprocess`` would for ``python -m busd.worker``: the
     three pipes as stdio and no other file open, a session of its own, the
     broker's user, directory and environment, then ``sys.path`` as the
-    interpreter builds it (the directory, then PYTHONPATH). It first waits
-    to be busd's child (``await_adoption``); the parent-death signal is then
-    set against busd (``busd.worker.main``).
+    interpreter builds it (the directory, then PYTHONPATH). It is busd's
+    child by now (``await_adoption``); the parent-death signal is set
+    against busd (``busd.worker.main``), which ends it if busd is not its
+    parent.
     """
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -275,7 +277,6 @@ def run_worker(
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    await_adoption(busd_pid)
     os.setsid()
     set_process_name(request.get("name") or "busd-worker")
     owner = request.get("owner")

@@ -437,3 +437,56 @@ def test_the_fork_server_survives_bad_requests_and_ends_when_busd_closes():
     errors = server.stderr.read()
     assert "busd fork server: request failed:" in errors, errors
     assert "busd fork server: unknown request 'no-such-op'" in errors, errors
+
+
+def test_a_worker_that_busd_does_not_adopt_exits_at_once():
+    # Driven as busd drives the server, by a process that is no child
+    # subreaper: the worker is re-parented elsewhere (init), so it must not
+    # run, and must not wait for its new parent either (it once waited for
+    # init to die). Its pidfd says when it has exited, child or not.
+    import select
+    import socket
+
+    import msgpack
+
+    from busd.spawner import server_environment
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.settimeout(DEADLINE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "busd.forkserver", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        env=server_environment("/nonexistent/busd.sock"),
+    )
+    theirs.close()
+    pipes = [os.pipe() for _ in range(3)]
+    worker_ends = [pipes[0][0], pipes[1][1], pipes[2][1]]
+    our_ends = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    pidfds: list[int] = []
+    try:
+        request = {
+            "op": "spawn",
+            "tag": 1,
+            "argv": [
+                "--exec",
+                "--",
+                sys.executable,
+                "-c",
+                "import time; time.sleep(60)",
+            ],
+            "env": dict(os.environ),
+            "cwd": "/",
+            "owner": None,
+            "name": "stray:0",
+        }
+        socket.send_fds(ours, [msgpack.packb(request)], worker_ends)
+        data, pidfds, _, _ = socket.recv_fds(ours, 1 << 16, 1)
+        spawned = msgpack.unpackb(data)
+        assert spawned["tag"] == 1 and len(pidfds) == 1, spawned
+        readable, _, _ = select.select(pidfds, [], [], DEADLINE)
+        assert readable, f"worker {spawned['pid']} still runs, not busd's child"
+    finally:
+        ours.close()
+        server.wait(DEADLINE)
+        for fd in worker_ends + our_ends + pidfds:
+            os.close(fd)
