@@ -316,6 +316,9 @@ class Spawner:
             self._spawning.pop(tag, None)
             for fd in ours:
                 os.close(fd)
+            # It is gone (its end closed): say so now, or the next spawn
+            # would try the same dead server before _read sees the EOF.
+            self._lost()
             raise ForkServerGone(f"cannot reach the fork server: {error}") from None
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):

@@ -490,3 +490,38 @@ def test_a_worker_that_busd_does_not_adopt_exits_at_once():
         server.wait(DEADLINE)
         for fd in worker_ends + our_ends + pidfds:
             os.close(fd)
+
+
+def test_a_spawn_that_cannot_reach_the_server_marks_it_gone_at_once():
+    # A send that fails (the server's end is closed) is the server's death:
+    # the spawner says so at once, so a retry waits for the next server
+    # instead of trying the dead one again (it once spun busd's loop).
+    import asyncio
+    import socket
+
+    from busd.spawner import ForkServerGone, Spawner
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.close()
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    spawner = Spawner(process, ours)
+    lost: list[Spawner] = []
+
+    async def scenario() -> None:
+        spawner.attach(asyncio.get_running_loop(), on_lost=lost.append)
+        try:
+            await spawner.spawn(["--handler", "x:Y"], {}, "/", None, "x:0")
+        except ForkServerGone as error:
+            assert "cannot reach the fork server" in str(error)
+        else:
+            raise AssertionError("the spawn did not fail")
+        assert spawner.gone
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while not lost and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        process.wait(DEADLINE)
+    assert lost == [spawner] and spawner.returncode == 0

@@ -112,4 +112,6 @@ class WorkerLauncher:
             try:
                 return await spawner.spawn(argv, env, cwd, owner, name)
             except ForkServerGone:
-                continue  # ForkServers logs the death and starts the next
+                # ForkServers logs the death and starts the next; let the
+                # loop run first (the death is seen there), never spin here.
+                await asyncio.sleep(0)
