@@ -1,9 +1,11 @@
 """The ``busctl`` command: talk to busd over its control socket.
 
-Exit statuses (sysexits.h): 0 ok, 1 other error, 64 usage, 69 busd not
-running, 75 busy or timed out (try again), 77 permission denied, 78 reload
-refused (broken config file). Errors go to stderr as one line that says
-what to do.
+Exit statuses (sysexits.h): 0 ok, 1 other error, 3 ``state``: busd is
+degraded (as ``systemctl status`` says 3 for a unit not running), 64 usage,
+69 busd not running (or, for ``publish --wait``, no instance of a broker on
+the channel can run), 75 busy or timed out (try again), 77 permission
+denied, 78 reload refused (broken config file). Errors go to stderr as one
+line that says what to do.
 
 Imports are lazy: ``busctl ping`` loads the client and msgpack, never the
 daemon or asyncio, so the command starts quickly. The commands that take no
@@ -16,6 +18,18 @@ from __future__ import annotations
 import sys
 import types
 
+from busctl.output import (
+    EX_CONFIG,
+    EX_DEGRADED,
+    EX_ERROR,
+    EX_NOPERM,
+    EX_OK,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    fail,
+    show,
+)
 from busd._version import __version__
 
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
@@ -26,17 +40,11 @@ if TYPE_CHECKING:
 
     from busctl.client import Client
 
-EX_OK = 0
-EX_ERROR = 1
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
-EX_CONFIG = 78
 
 EXIT_STATUS = """\
-exit status: 0 ok, 1 error, 64 usage, 69 busd not running, 75 busy or
-timed out, 77 permission denied, 78 broken config (reload)."""
+exit status: 0 ok, 1 error, 3 degraded (state), 64 usage, 69 busd not
+running (publish --wait: no instance of a broker on the channel can run),
+75 busy or timed out, 77 permission denied, 78 broken config (reload)."""
 
 EPILOG = f"""\
 examples:
@@ -78,7 +86,11 @@ EXAMPLES = {
     ],
     "scale": ["busctl scale orders 4", "busctl --timeout 60 scale orders 16"],
     "reload": ["busctl reload"],
-    "shutdown": ["busctl shutdown"],
+    "shutdown": [
+        "busctl shutdown",
+        "busctl shutdown --wait",
+        "busctl --timeout 60 shutdown --wait && busd start",
+    ],
     "dead": [
         "busctl dead",
         "busctl dead show 3",
@@ -165,8 +177,9 @@ LIFECYCLE = [
         "start",
         "start a broker's stopped instances, or instance N",
         "Start instance N of BROKER, or each of its instances that is not running\n"
-        "(stopped, or FATAL after too many failed starts), and wait until they\n"
-        "are RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
+        "(stopped, waiting in BACKOFF, or FATAL after too many failed starts),\n"
+        "at once and with a new count of failed starts, and wait until they are\n"
+        "RUNNING or have failed. Exit status 1 if one is not RUNNING then.",
     ),
     (
         "stop",
@@ -230,7 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     command("ping", help="check that busd answers")
-    command("state", help="bus state, process figures, brokers")
+    command(
+        "state",
+        help="bus state, health, process figures, brokers",
+        description="Show busd's state: its health, process figures, and each\n"
+        "broker's instances. Exit status 0 when healthy (every instance that\n"
+        "should run is RUNNING), 3 when degraded (the Health: line says which\n"
+        "instances are not), also with --json.",
+    )
     publish = command(
         "publish",
         help="publish a message on a channel",
@@ -250,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         action="store_true",
         help="wait until every broker on CHANNEL acked the message or sent it to "
-        "the dead channel; print the counts; exit 1 if it went dead. A slow "
-        "broker may need a longer --timeout (an option of busctl, before "
-        "the command)",
+        "the dead channel; print the counts; exit 1 if it went dead. Refused "
+        "at once (exit 69, nothing accepted) when a broker on CHANNEL has no "
+        "instance that can run (all FATAL or stopped). A slow broker may need "
+        "a longer --timeout (an option of busctl, before the command)",
     )
     subscribe = command(
         "subscribe", help="print messages published on channels until Ctrl-C"
@@ -291,7 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
         "instances", metavar="N", type=_count, help="how many instances to run"
     )
     command("reload", help="reload the configuration (like SIGHUP)")
-    command("shutdown", help="stop busd")
+    shutdown = command(
+        "shutdown",
+        help="stop busd",
+        description="Ask busd to stop. With --wait, return once its process has "
+        "exited: exit\nstatus 0 then, 75 if it still runs after --timeout "
+        "seconds (an option of\nbusctl, before the command; brokers with a "
+        "long stop_timeout need more).",
+    )
+    shutdown.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until busd's process has exited (at most --timeout seconds)",
+    )
     dead = command(
         "dead",
         help="list, show, replay or drop dead letters",
@@ -401,69 +434,59 @@ def main(argv: list[str] | None = None) -> int:
         with Client(args.socket, timeout=args.timeout) as client:
             return COMMANDS[args.command](client, args)
     except UsageError as error:
-        return _fail(str(error), EX_USAGE)
+        return fail(str(error), EX_USAGE)
     except DaemonUnavailable as error:
-        return _fail(
+        return fail(
             f"{error}; start it with `busd start` or `systemctl start busd`",
             EX_UNAVAILABLE,
         )
     except Timeout as error:
         if getattr(args, "wait", False):  # publish --wait: not safe to resend
-            return _fail(
+            return fail(
                 f"{error}: not every broker has settled the message yet (it may "
                 "still be delivered; raise --timeout rather than publish again)",
                 EX_TEMPFAIL,
             )
-        return _fail(f"{error}; try again or raise --timeout", EX_TEMPFAIL)
+        return fail(f"{error}; try again or raise --timeout", EX_TEMPFAIL)
     except BusError as error:
         if error.code == "permission_denied":
-            return _fail(f"{error.message}; ask an admin for access", EX_NOPERM)
+            return fail(f"{error.message}; ask an admin for access", EX_NOPERM)
         if error.code == "bad_config":
-            return _fail(error.message, EX_CONFIG)
+            return fail(error.message, EX_CONFIG)
         if error.code == "busy":
             advice = "" if "try again" in error.message else "; try again later"
-            return _fail(f"{error.message}{advice}", EX_TEMPFAIL)
+            return fail(f"{error.message}{advice}", EX_TEMPFAIL)
+        if error.code == "unavailable":  # publish --wait: nothing can take it
+            return fail(error.message, EX_UNAVAILABLE)
         if error.code in ("bad_request", "unknown_op", "unknown_channel", "too_large"):
-            return _fail(
+            return fail(
                 error.message, EX_USAGE if error.code == "unknown_op" else EX_ERROR
             )
-        return _fail(error.message, EX_ERROR)
+        return fail(error.message, EX_ERROR)
     except ClientError as error:
-        return _fail(str(error), EX_ERROR)
+        return fail(str(error), EX_ERROR)
     except KeyboardInterrupt:
         return EX_OK
     except BrokenPipeError:
         return EX_OK  # `busctl subscribe main | head`: the reader left
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"busctl: {message}", file=sys.stderr)
-    return status
-
-
-def _print(args: argparse.Namespace, value: Any, text: str) -> None:
-    if args.json:
-        import json
-
-        print(json.dumps(value, default=repr), flush=True)
-    else:
-        print(text, flush=True)
-
-
 def cmd_ping(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.ping(), "pong")
+    show(args, client.ping(), "pong")
     return EX_OK
 
 
 def cmd_state(client: Client, args: argparse.Namespace) -> int:
     state = client.state()
     if args.json:
-        _print(args, state, "")
+        show(args, state, "")
     else:
         from busctl.render import render_state
 
         print(render_state(state, client.path), flush=True)
-    return EX_OK
+    # No health in the answer (an older busd): nothing to say it is degraded.
+    health = state.get("health") or {}
+    return EX_DEGRADED if health.get("status") == "degraded" else EX_OK
 
 
 def cmd_publish(client: Client, args: argparse.Namespace) -> int:
@@ -476,9 +499,9 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
         if args.wait:
             acked = sum(result.get("acked", 0) for result in results)
             text += f": {acked} acked, {dead} dead"
-        _print(args, results, text)
+        show(args, results, text)
         if dead:
-            return _fail(
+            return fail(
                 f"{sum(bool(r.get('dead')) for r in results)} of {len(results)} "
                 f"messages on {args.channel} went to the dead channel; "
                 "`busctl logs` says why",
@@ -493,9 +516,9 @@ def cmd_publish(client: Client, args: argparse.Namespace) -> int:
     )
     if args.wait:
         text += f": {result.get('acked', 0)} acked, {result.get('dead', 0)} dead"
-    _print(args, result, text)
+    show(args, result, text)
     if result.get("dead"):
-        return _fail(
+        return fail(
             f"message {result['id']} on {args.channel} went to the dead channel at "
             f"{result['dead']} of {result['brokers']} brokers; `busctl logs` says why",
             EX_ERROR,
@@ -520,16 +543,14 @@ def _json_loader() -> Any:
 def cmd_subscribe(client: Client, args: argparse.Namespace) -> int:
     stream = client.subscribe(*args.channels)
     for event in stream:
-        _print(args, event, f"{event['channel']}: {event['message']}")
+        show(args, event, f"{event['channel']}: {event['message']}")
     return EX_OK
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> int:
     stream = client.events()
     for event in stream:
-        _print(
-            args, event, " ".join(f"{k}={v}" for k, v in event.items() if k != "time")
-        )
+        show(args, event, " ".join(f"{k}={v}" for k, v in event.items() if k != "time"))
     return EX_OK
 
 
@@ -546,10 +567,10 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     for entry in result["lines"]:
-        _print(args, entry, render_log_entry(entry))
+        show(args, entry, render_log_entry(entry))
     if args.follow:
         for entry in answer:
-            _print(args, entry, render_log_entry(entry))
+            show(args, entry, render_log_entry(entry))
     return EX_OK
 
 
@@ -576,12 +597,12 @@ def _report_pool(
     """Print what a lifecycle op did; exit 1 if an instance did not come up."""
     from busctl.render import not_running, render_pool_change
 
-    _print(args, result, render_pool_change(done, name, index, result))
+    show(args, result, render_pool_change(done, name, index, result))
     if done == "stopped":
         return EX_OK
     failed = not_running(name, index, result)
     if failed:
-        return _fail(
+        return fail(
             f"not running after {args.command}: {failed}; `busctl logs` says why",
             EX_ERROR,
         )
@@ -589,12 +610,25 @@ def _report_pool(
 
 
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.reload(), "reload requested")
+    show(args, client.reload(), "reload requested")
     return EX_OK
 
 
 def cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
-    _print(args, client.shutdown(), "shutdown requested")
+    if not getattr(args, "wait", False):  # _parse_simple gives no "wait"
+        show(args, client.shutdown(), "shutdown requested")
+        return EX_OK
+    from busctl.client import Timeout
+
+    try:
+        result = client.shutdown(wait=True)
+    except Timeout as error:
+        return fail(
+            f"{error}; it is still stopping: wait longer (busctl --timeout 60 "
+            "shutdown --wait) or end it with kill -9",
+            EX_TEMPFAIL,
+        )
+    show(args, result, f"busd (PID {result['pid']}) has exited")
     return EX_OK
 
 

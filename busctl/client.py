@@ -22,6 +22,7 @@ import collections
 import itertools
 import os
 import socket
+import time
 
 from busd.protocol import (
     DEFAULT_MAX_FRAME,
@@ -260,7 +261,7 @@ class Client:
         """Start one instance of ``broker``, or every one that is not running.
 
         Returns the broker's description (a ``state`` row) once the
-        instances are RUNNING or have failed (FATAL).
+        instances are RUNNING or have failed (BACKOFF: busd tries again; FATAL).
         """
         return self._broker_op("broker_start", broker, instance)
 
@@ -334,9 +335,47 @@ class Client:
         """Ask busd to reload its configuration (like SIGHUP)."""
         return self._call_for_map("reload")
 
-    def shutdown(self) -> dict[str, Any]:
-        """Ask busd to exit."""
-        return self._call_for_map("shutdown")
+    def shutdown(self, wait: bool = False) -> dict[str, Any]:
+        """Ask busd to exit; the answer has its ``pid``.
+
+        With ``wait``, return once busd's process is gone, with
+        ``"exited": True`` in the result; raise :class:`Timeout` if it
+        still runs ``timeout`` seconds (the client's) after the request.
+        """
+        if not wait:
+            return self._call_for_map("shutdown")
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        pid = self.hello()["pid"]
+        # Watched from before the request, so that a PID reused after busd
+        # exits cannot be mistaken for busd.
+        with _ProcessWatch(pid) as process:
+            result = self._call_for_map("shutdown")
+            # busd closes its clients late in its stop (docs/architecture.md);
+            # that works across PID namespaces, where the PID may mean nothing.
+            if not self._wait_closed(deadline) or not process.wait(_left(deadline)):
+                raise Timeout(
+                    f"busd (PID {pid}) still runs {self.timeout:g} s after the "
+                    "shutdown request"
+                )
+        return {**result, "exited": True}
+
+    def _wait_closed(self, deadline: float | None) -> bool:
+        """Read until busd closes the connection; False if not by ``deadline``."""
+        old_timeout = self._sock.gettimeout()
+        try:
+            left = _left(deadline)
+            while left != 0:
+                self._sock.settimeout(left)
+                try:
+                    self._read_frames()
+                except DaemonUnavailable:
+                    return True
+                except Timeout:
+                    return False
+                left = _left(deadline)
+            return False
+        finally:
+            self._sock.settimeout(old_timeout)
 
     # -- streams -------------------------------------------------------------
 
@@ -478,6 +517,55 @@ class Stream:
         """Ask busd to end this stream (the connection stays open)."""
         self.client.call("cancel", stream=self.id)
         self.client._events.pop(self.id, None)
+
+
+class _ProcessWatch:
+    """Waits for a process to end: on a pidfd, else by polling its PID."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd: int | None = None
+        self._gone = False
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone = True
+        except (AttributeError, OSError):
+            pass  # no pidfd (not Linux 5.3+): poll the PID instead
+
+    def __enter__(self) -> _ProcessWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the process has ended; False if it runs after ``timeout``."""
+        if self._gone:
+            return True
+        if self._fd is not None:
+            import select
+
+            # A pidfd becomes readable when its process exits (a zombie too).
+            return bool(select.select([self._fd], [], [], timeout)[0])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass  # it exists, as another user
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)  # no pidfd: nothing to wait on but the clock
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (at least 0), or None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _result(answer: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from busctl.cli import EX_ERROR, EX_OK, EX_TEMPFAIL, _fail, _print
+from busctl.output import EX_ERROR, EX_OK, EX_TEMPFAIL, fail, show
 
 # typing costs busctl's start-up about 3 ms; annotations don't need it.
 TYPE_CHECKING = False
@@ -36,7 +36,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
         return _replay(client, args, client.dead_replay(*args.ids, every=every))
     result = client.dead_drop(*args.ids, every=every)
     dropped, count = result["dropped"], result["dropped_count"]
-    _print(
+    show(
         args,
         result,
         f"dropped {count} dead letters ({_ids(dropped, count)}); "
@@ -49,7 +49,7 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     letters = client.dead_letters()
     overflowed = client.dead_list(limit=1)["overflowed"] if letters else 0
     if args.json:
-        _print(args, letters, "")
+        show(args, letters, "")
         return EX_OK
     if not letters:
         print("no dead letters", flush=True)
@@ -88,7 +88,7 @@ def _list(client: Client, args: argparse.Namespace) -> int:
 def _show(client: Client, args: argparse.Namespace) -> int:
     letter = client.dead_show(args.id)
     if args.json:
-        _print(args, letter, "")
+        show(args, letter, "")
         return EX_OK
     lines = [
         f"Dead letter {letter['id']}: message {letter['message_id']} on "
@@ -114,10 +114,10 @@ def _replay(client: Client, args: argparse.Namespace, result: dict[str, Any]) ->
         if 0 < count <= 10
         else ""
     )
-    _print(args, result, text)
+    show(args, result, text)
     for kept in result["kept"]:
         ids, many = kept["ids"], kept["count"] > 1
-        _fail(
+        fail(
             f"dead letter{'s' if many else ''} {_ids(ids, kept['count'])} "
             f"{'stay' if many else 'stays'} in the store: {kept['error']}",
             EX_ERROR,

@@ -6,7 +6,11 @@ instance, name and state in aligned columns, then ``label value`` pairs::
 
     orders  channels main  queued 0/10000  accepted 2  acked 1  retried 0  ...
       orders:0  RUNNING   pid 1234  up 5min 3s  restarts 0  cpu 0.3%  ...
-      orders:1  FATAL     last exit: exit status 3  restarts 4  inflight 0  ...
+      orders:1  BACKOFF   3 failed starts, next try in 0.4s, last exit: exit
+                          status 1 before it was ready  restarts 2  ...
+
+(one line per instance). Above the brokers, one ``Health:`` line says
+whether every instance that should run is RUNNING, and if not which ones.
 
 Every figure is read with ``.get``: an older (or newer) busd may lack one.
 """
@@ -27,6 +31,7 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
     lines = [
         f"● busd {state.get('version', '?')} - {socket_path}",
         f"     State: {state['state']} since {_duration(state.get('uptime', 0))}",
+        *_health_line(state.get("health")),
         f"  Main PID: {state['pid']} (uid {state.get('uid')}, gid {state.get('gid')})"
         + (
             f"; fork server PID {state['fork_server']}"
@@ -47,6 +52,28 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
     else:
         lines.append("   Brokers: none configured")
     return "\n".join(lines)
+
+
+#: The most instances the ``Health:`` line names; the rows show them all.
+HEALTH_REASONS = 4
+
+
+def _health_line(health: dict[str, Any] | None) -> list[str]:
+    """``Health: healthy``, or ``Health: degraded - orders:0 FATAL (...)``.
+
+    None (an older busd that judges no health): no line.
+    """
+    if not health:
+        return []
+    status = health.get("status", "?")
+    reasons = list(health.get("reasons") or [])
+    if not reasons:
+        return [f"    Health: {status}"]
+    named = ", ".join(reasons[:HEALTH_REASONS])
+    more = len(reasons) - HEALTH_REASONS
+    if more > 0:
+        named += f" and {more} more"
+    return [f"    Health: {status} - {named}"]
 
 
 def _dead_letters_line(state: dict[str, Any]) -> str:
@@ -91,17 +118,20 @@ def _broker_lines(name: str, broker: dict[str, Any], width: int) -> list[str]:
         lines.append("  (no instances: `busctl scale` starts some)")
     for row in instances:
         label = f"{name}:{row.get('index')}"
-        lines.append(f"  {label:<{width}}  {_instance_row(row)}")
+        retries = broker.get("start_retries")
+        lines.append(f"  {label:<{width}}  {_instance_row(row, retries)}")
     return lines
 
 
-def _instance_row(row: dict[str, Any]) -> str:
+def _instance_row(row: dict[str, Any], start_retries: int | None = None) -> str:
     """``RUNNING   pid 1234  up 5s  restarts 0  cpu 0.3%  ...  acked 120``."""
     cells = [f"{row.get('state', '?'):<8}"]
     if row.get("pid"):
         cells += [f"pid {row['pid']}", f"up {_duration(row.get('uptime', 0))}"]
-    elif row.get("last_exit"):  # not running (STOPPED, BACKOFF, FATAL): why
-        cells.append(f"last exit: {row['last_exit']}")
+    else:  # not running (STOPPED, BACKOFF, FATAL): why
+        why = _why_not_running(row, start_retries)
+        if why:
+            cells.append(why)
     cells.append(f"restarts {row.get('restarts', 0)}")
     if "cpu_percent" in row:
         cells.append(f"cpu {row['cpu_percent']:.1f}%")
@@ -113,6 +143,32 @@ def _instance_row(row: dict[str, Any]) -> str:
     if row.get("nacked"):
         cells.append(f"nacked {row['nacked']}")
     return "  ".join(cells)
+
+
+def _why_not_running(row: dict[str, Any], start_retries: int | None) -> str:
+    """``3 failed starts, next try in 1.6s, last exit: exit status 1 before it
+    was ready`` (BACKOFF); ``5 failed starts (start_retries 4), last exit:
+    ...`` (FATAL); ``last exit: exit status 0`` (STOPPED)."""
+    state = row.get("state")
+    cause = row.get("exit_cause") or row.get("last_exit")
+    parts = []
+    if state in ("BACKOFF", "FATAL"):
+        failures = row.get("failures") or 0
+        if failures:
+            plural = "" if failures == 1 else "s"
+            parts.append(f"{failures} failed start{plural}")
+            if state == "FATAL" and start_retries is not None:
+                parts[-1] += f" (start_retries {start_retries})"
+        next_try = row.get("next_try")
+        if state == "BACKOFF" and next_try is not None:
+            parts.append(f"next try in {_seconds(next_try)}")
+    elif state == "STOPPED" and not row.get("should_run"):
+        cause = row.get("last_exit")  # stopped on purpose: how it ended
+    if cause:
+        parts.append(f"last exit: {cause}")
+    if state == "STOPPED" and row.get("should_run") and cause:
+        parts.append("not restarted")
+    return ", ".join(parts)
 
 
 def render_pool_change(
@@ -168,6 +224,11 @@ def render_log_entry(entry: dict[str, Any]) -> str:
 
 def _instances(broker: dict[str, Any]) -> list[dict[str, Any]]:
     return broker.get("instances") or []
+
+
+def _seconds(seconds: float) -> str:
+    """``0.4s``, ``12.8s``, then as ``_duration`` from a minute on."""
+    return f"{seconds:.1f}s" if seconds < 60 else _duration(seconds)
 
 
 def _duration(seconds: float) -> str:

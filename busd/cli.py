@@ -1,7 +1,11 @@
-"""The ``busd`` command: run the daemon, start it detached, check a config.
+"""The ``busd`` command: run the daemon, start, stop or restart it detached,
+check a config.
 
 Exit statuses follow sysexits.h: 0 ok, 64 usage, 69 unavailable (busd
-started but never answered), 78 configuration error, 70 internal error.
+started but never answered), 70 internal error (a start step failed), 75
+try again (``run``: a busd already runs there; ``start``, ``stop``: a busd
+still runs after the wait), 77 not allowed to stop it, 78 configuration
+error.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ if TYPE_CHECKING:
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 DESCRIPTION = """\
@@ -31,7 +36,14 @@ EPILOG = """\
 examples:
   busd run --config /etc/busd/busd.toml     foreground (systemd, containers)
   busd start --socket /tmp/busd.sock --pidfile /tmp/busd.pid
+  busd stop --socket /tmp/busd.sock --pidfile /tmp/busd.pid
+  busd restart --config /etc/busd/busd.toml --socket /tmp/busd.sock
   busd check-config --config /etc/busd/busd.toml
+
+exit status: 0 ok (start: also when busd runs already; stop: also when
+nothing runs), 64 usage, 69 busd did not answer, 70 a start step failed,
+75 try again (run: a busd already runs there; start, stop: one still runs
+after the wait), 77 not allowed to stop it, 78 broken configuration.
 """
 
 
@@ -58,30 +70,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (
         ("run", "run the daemon in the foreground (what systemd uses)"),
-        ("start", "start the daemon in the background; return once it answers"),
+        (
+            "start",
+            "start the daemon in the background; return once it has started "
+            "(a busd that is stopping there is waited for first)",
+        ),
+        (
+            "stop",
+            "stop the daemon running on the socket and PID file (as `busd "
+            "start` started it); return once its process is gone",
+        ),
+        ("restart", "stop the daemon if it runs, then start it"),
     ):
         sub = add(name, help_text)
         sub.add_argument("--socket", metavar="PATH", help="control socket path")
         sub.add_argument("--pidfile", metavar="PATH", help="PID file path")
+        if name == "stop":
+            continue
         sub.add_argument(
             "--log-level",
             choices=("debug", "info", "warning", "error"),
             help="log level (default: from the config, else info)",
         )
-    start = commands.choices["start"]
-    start.add_argument(
-        "--log-file",
-        metavar="PATH",
-        help="where the detached daemon writes its log (default: busd.log "
-        "beside the PID file)",
+    for name in ("start", "restart"):
+        sub = commands.choices[name]
+        sub.add_argument(
+            "--log-file",
+            metavar="PATH",
+            help="where the detached daemon writes its log (default: busd.log "
+            "beside the PID file)",
+        )
+        sub.add_argument(
+            "--wait",
+            type=_seconds,
+            default=10.0,
+            metavar="SECONDS",
+            help="how long to wait for the daemon to have started (default: 10)",
+        )
+    stop_wait = (
+        "how long to wait for the daemon to exit (default: the longest broker "
+        "stop_timeout + 15)"
     )
-    start.add_argument(
-        "--wait",
-        type=float,
-        default=10.0,
-        metavar="SECONDS",
-        help="how long to wait for the daemon to answer (default: 10)",
-    )
+    for name, option in (("stop", "--wait"), ("restart", "--stop-wait")):
+        commands.choices[name].add_argument(
+            option, dest="stop_wait", type=_seconds, metavar="SECONDS", help=stop_wait
+        )
     run = commands.choices["run"]
     run.add_argument("--daemonize", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--log-file", help=argparse.SUPPRESS)
@@ -94,26 +127,66 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
-    if args.command == "start":
-        from busd.launcher import start_detached
+    if args.command in ("start", "stop", "restart"):
+        from busd import launcher
 
-        return start_detached(args)
+        command = {
+            "start": launcher.start_detached,
+            "stop": launcher.stop_daemon,
+            "restart": launcher.restart_daemon,
+        }[args.command]
+        return command(args)
     return run(args)
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (argparse's ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds >= 0, got {text!r}"
+        )
+    return value
+
+
 def check_config(path: str | None) -> int:
-    """Load ``path`` and report; 0 when it is usable, 78 when not."""
+    """Check the file at ``path`` and what it points at; 0 usable, 78 not.
+
+    More than ``busd run`` refuses: the file must exist (busd would run on
+    the defaults without it, which is not what a check is asked about);
+    each broker's ``cwd`` and ``command`` must be usable (busd run only
+    warns: the other brokers can run) and its handler must import
+    (busd/checks.py). Every error is printed, one line each.
+    """
+    from busd.checks import handler_errors
     from busd.config import DEFAULT_PATH, ConfigError, load_config
+
+    filename = path or DEFAULT_PATH
+    try:
+        config = load_config(filename)
+    except ConfigError as error:
+        hint = ""
+        if path is None and not os.path.exists(filename):
+            hint = (
+                " (busd would run on the built-in defaults; name a file with --config)"
+            )
+        print(f"busd: {error}{hint}", file=sys.stderr)
+        return EX_CONFIG
+    from busd.checks import program_errors
     from busd.daemon import check_names
 
+    errors = []
     try:
-        config = load_config(path)
         check_names(config)
-    except ConfigError as error:
-        print(f"busd: {error}", file=sys.stderr)
-        return EX_CONFIG
     except ValueError as error:
-        print(f"busd: {path or DEFAULT_PATH}: {error}", file=sys.stderr)
+        errors.append(f"{filename}: {error}")
+    base_dir = os.path.dirname(os.path.abspath(filename))
+    errors += program_errors(config, base_dir) + handler_errors(config, base_dir)
+    if errors:
+        print("busd: " + "\n".join(errors), file=sys.stderr)
         return EX_CONFIG
     brokers = len(config.brokers)
     print(f"{path or DEFAULT_PATH}: OK ({brokers} broker{'s' * (brokers != 1)})")
@@ -146,6 +219,15 @@ def run(args: argparse.Namespace) -> int:
     config_path = os.path.abspath(args.config) if args.config else None
     try:
         config = overrides.apply(load_config(config_path))
+        # Socket-activated, the socket is systemd's and nobody serves it
+        # yet: a hello would only wait. systemd starts one busd per socket.
+        refusal = _already_running(
+            config.busd.socket, config.busd.pidfile, control_socket is None
+        )
+        if refusal:
+            _let_go(spawner)
+            print(f"busd: {refusal}", file=sys.stderr)
+            return EX_TEMPFAIL
         if spawner is not None and (
             not config.brokers or spawner.mark != config.busd.socket
         ):
@@ -174,6 +256,31 @@ def run(args: argparse.Namespace) -> int:
 
         Daemonizer(daemon.bus, stdout=args.log_file, stderr=args.log_file).subscribe()
     return daemon.run()
+
+
+def _already_running(socket_path: str, pidfile: str, ask_socket: bool) -> str:
+    """Why this busd must not start beside another one there; "" if it may.
+
+    Checked before anything is built, so that the answer is one line. (Two
+    started at the same instant can both pass; the PID file's lock still
+    stops the second, with the start step's traceback.) ``ask_socket``
+    False: look at the PID file only.
+    """
+    from busd.probe import find
+
+    running = find(socket_path, pidfile, ask_socket=ask_socket)
+    if running is None:
+        return ""
+    answer = running.answer
+    if answer is not None and answer.stopping:
+        return (
+            f"busd is still stopping there: {running.describe()}; try again once "
+            "it has exited (busd start waits for that)"
+        )
+    return (
+        f"already running: {running.describe()}; stop it first (busd stop), or "
+        "give this one another socket and PID file"
+    )
 
 
 def launch_fork_server_early(args: argparse.Namespace) -> Spawner | None:

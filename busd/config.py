@@ -143,6 +143,12 @@ class BrokerConfig:
     queue_size: int = 10000
     max_retries: int = 3
     ack_timeout: float = 60.0
+    #: Failed starts in a row allowed before FATAL; None: retry for ever.
+    start_retries: int | None = None
+    #: The longest wait between two starts (the backoff's cap), in seconds.
+    backoff_max: float = 30.0
+    #: RUNNING this long, a worker's exit starts a new series of failures.
+    backoff_reset: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -337,6 +343,9 @@ def _parse_broker(name: str, t: _Table) -> BrokerConfig:
         queue_size=t.get("queue_size", d.queue_size, _integer(1)),
         max_retries=t.get("max_retries", d.max_retries, _integer(0)),
         ack_timeout=t.get("ack_timeout", d.ack_timeout, _seconds_or_zero),
+        start_retries=t.get("start_retries", d.start_retries, _integer(0)),
+        backoff_max=t.get("backoff_max", d.backoff_max, _seconds),
+        backoff_reset=t.get("backoff_reset", d.backoff_reset, _seconds),
     )
     present = [key for key in ("handler", "command") if key in t.data]
     if len(present) != 1:

@@ -29,9 +29,11 @@ import logging
 import os
 import queue
 import time
+from collections.abc import Callable
 
 from busd._version import __version__
 from busd.bus import Bus, states
+from busd.checks import program_errors
 from busd.config import Config, ConfigError, Overrides, load_config
 from busd.control.access import AccessPolicy, access_policy
 from busd.control.activation import InheritedSocket
@@ -63,6 +65,10 @@ SPOOL_OPEN_PRIORITY = 79
 SPOOL_CLOSE_PRIORITY = 61
 # After the supervisor (80), before READY (90).
 READY_LOG_PRIORITY = 85
+# First of the stop steps: a message accepted once busd is stopping could
+# reach the router after the spool is closed (61) and before the socket is
+# (90), and be lost; refused, its publisher knows to send it again.
+REFUSE_PUBLISH_PRIORITY = 1
 
 
 class Daemon:
@@ -88,6 +94,7 @@ class Daemon:
         self.logger = setup_logging(settings.log_level, ring=self.ring)
         self.bus.subscribe("log", bus_log_listener(self.logger))
         self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._exit_requested = False
 
         self.events = EventHub()
         self.router = Router(
@@ -131,6 +138,7 @@ class Daemon:
                 ring=self.ring,
                 ioloop=self.ioloop,
                 bus_state=lambda: self.bus.state.name,
+                stopping=self.stopping,
                 check_reload=self.read_config,
                 request_main_thread=self.request_main_thread,
             )
@@ -164,6 +172,9 @@ class Daemon:
             "stop", self.router.close_spool, priority=SPOOL_CLOSE_PRIORITY
         )
         self.bus.subscribe("start", self._started, priority=READY_LOG_PRIORITY)
+        self.bus.subscribe(
+            "stop", self._refuse_publishes, priority=REFUSE_PUBLISH_PRIORITY
+        )
         self.bus.subscribe("main", self._carry_out_requests)
         self.bus.subscribe("graceful", self._reload)
         self.bus.subscribe("state", self._announce_state)
@@ -172,9 +183,21 @@ class Daemon:
 
     def run(self) -> int:
         """Start the bus and serve until asked to exit; return the exit status."""
+        self._warn_about_programs(self.config)
         self.bus.start()
         self.bus.block()
         return 0
+
+    def _warn_about_programs(self, config: Config) -> None:
+        """Log each broker whose ``cwd`` or ``command`` cannot work.
+
+        A warning, not a refusal: the other brokers run, and these fail at
+        their start with the state and log saying so; the directory or the
+        program may yet appear. ``busd check-config`` calls them errors.
+        """
+        base_dir = os.path.dirname(self.config_path) if self.config_path else None
+        for problem in program_errors(config, base_dir):
+            log.warning("%s; its instances cannot start", problem)
 
     def _open_spool(self) -> None:
         settings = self.config.busd
@@ -195,9 +218,29 @@ class Daemon:
             os.getpid(),
         )
 
+    def _refuse_publishes(self) -> None:
+        """From now on the router refuses every message: busd is stopping."""
+        reason = "busd is stopping"
+        if self.ioloop.running:
+            # The router lives on the I/O loop; once this has run there, no
+            # publish handled later can be accepted.
+            self.ioloop.run(_call(self.router.refuse_publishes, reason))
+        else:
+            self.router.refuse_publishes(reason)
+
+    def stopping(self) -> bool:
+        """Whether an exit was requested (``shutdown``) or has begun."""
+        return self._exit_requested or self.bus.state in (
+            states.STOPPING,
+            states.EXITING,
+        )
+
     def request_main_thread(self, action: str, reason: str) -> None:
         """Ask the main thread to ``exit`` or ``graceful`` at its next tick."""
+        if action == "exit":
+            self._exit_requested = True
         self._requests.put((action, reason))
+        self.bus.wake()  # the tick comes at once, not up to 0.1 s later
 
     def _carry_out_requests(self) -> None:
         while True:
@@ -238,6 +281,7 @@ class Daemon:
             policy,
         )
         self.config = new
+        self._warn_about_programs(new)
         self.ioloop.call_soon(
             setattr, self.router, "strict_channels", new.busd.strict_channels
         )
@@ -260,6 +304,10 @@ class Daemon:
     def _announce_state(self, state: states) -> None:
         event = {"type": "bus", "state": state.name, "time": time.time()}
         self.ioloop.call_soon(self.events.emit, event)
+
+
+async def _call(function: Callable[[str], None], argument: str) -> None:
+    function(argument)
 
 
 def check_names(config: Config) -> None:

@@ -65,6 +65,9 @@ class ErrorCode(enum.StrEnum):
     PERMISSION_DENIED = "permission_denied"
     UNKNOWN_CHANNEL = "unknown_channel"
     BUSY = "busy"  # a queue is full: try again later
+    # publish --wait: a broker on the channel has no instance that can run
+    # (all FATAL or stopped): nothing will take the message until an operator acts
+    UNAVAILABLE = "unavailable"
     NOT_FOUND = "not_found"  # no such broker or instance
     BAD_CONFIG = "bad_config"  # reload refused: busd's config file is broken
     INTERNAL = "internal"  # a bug in busd: the log has the details

@@ -4,6 +4,16 @@ One module builds what ``busctl state`` shows, so that every reader of
 busd's state (the ``state`` op today; a status page or metrics later)
 reads the same figures from the same place. It reads the objects it is
 given and changes nothing.
+
+It also judges busd's **health**, one summary that scripts branch on
+(``busctl state`` exits 3 when it is degraded): *healthy* when every
+instance that should run is RUNNING. An instance should run from its
+start until it is stopped on purpose (``busctl stop``, ``scale`` down, a
+shutdown) or the restart policy leaves it stopped after a clean exit
+(status 0, after it was ready, with ``restart = "on-failure"`` or
+``"never"``). So STARTING, BACKOFF, FATAL, a restart under way, and a
+STOPPED instance that failed under ``restart = "never"`` are each a reason
+for *degraded*.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from busd._version import __version__
 from busd.protocol import PROTOCOL_VERSION
+from busd.supervision.states import InstanceState
+
+RUNNING = InstanceState.RUNNING
 
 if TYPE_CHECKING:
     import psutil
@@ -86,6 +99,7 @@ class Report:
             "clients": self.clients(),
             "published": self.router.published,
             "unrouted": self.router.unrouted,
+            "health": self.health(),
             "dead_letters": len(self.router.dead_letters),
             "dead_letters_overflowed": self.router.dead_letters.overflowed,
             "brokers": {
@@ -93,6 +107,20 @@ class Report:
                 for name, broker in self.supervisor.brokers.items()
             },
         }
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "healthy" | "degraded", "reasons": [...]}``.
+
+        One reason per instance that should run and is not RUNNING, as
+        ``orders:0 FATAL (5 failed starts)``; see the module docstring.
+        """
+        reasons = [
+            f"{instance.name} {instance.condition()}"
+            for broker in self.supervisor.brokers.values()
+            for instance in broker.instances
+            if instance.wanted and instance.state is not RUNNING
+        ]
+        return {"status": "degraded" if reasons else "healthy", "reasons": reasons}
 
     def broker(self, broker: Broker) -> dict[str, Any]:
         """One broker's row of ``busctl state`` (and the lifecycle ops' answer)."""
@@ -103,6 +131,7 @@ class Report:
             "command": list(config.command) if config.command else None,
             "queued": len(broker.queue),
             "queue_size": config.queue_size,
+            "start_retries": config.start_retries,
             "accepted": broker.accepted,
             "acked": broker.acked_count,
             "retried": broker.retried,
@@ -112,7 +141,14 @@ class Report:
         }
 
     def instance(self, instance: Instance) -> dict[str, Any]:
-        """One instance's figures: state, PID, uptime, psutil usage, counters."""
+        """One instance's figures: state, PID, uptime, psutil usage, counters.
+
+        Also why it is not running: ``failures`` (failed starts in a row),
+        ``next_try`` (seconds until the restart due in BACKOFF, else None),
+        ``exit_cause`` (why its last process ended unexpectedly, and when),
+        and ``should_run`` (whether health asks for it).
+        """
+        retry_at = instance.retry_at
         row: dict[str, Any] = {
             "index": instance.index,
             "state": instance.state.name,
@@ -125,6 +161,12 @@ class Report:
             "acked": instance.acked,
             "nacked": instance.nacked,
             "last_exit": instance.last_exit,
+            "failures": instance.failures,
+            "next_try": None
+            if retry_at is None
+            else max(0.0, retry_at - time.monotonic()),
+            "exit_cause": instance.exit_cause,
+            "should_run": instance.wanted,
         }
         if instance.pid:
             import psutil  # not at start: busd's start is on the clock

@@ -7,7 +7,9 @@ whoever published it (a ``publish`` op, a worker, a dead letter):
 - it finds the channel's **routes** and refuses the message (``busy``)
   when any of them is full, so that no route gets it and a retry does not
   duplicate it; with ``strict_channels``, a channel without routes is
-  ``unknown_channel``;
+  ``unknown_channel``; a ``publish --wait`` is refused (``unavailable``)
+  when a route cannot take any message until an operator acts (every
+  instance of a broker FATAL or stopped): its answer would never come;
 - with a spool, it records the message before any route sees it, and
   records each route's settlement;
 - it hands the message to each route as a ``Delivery`` and, for
@@ -61,6 +63,10 @@ class Route(Protocol):
     def busy_reason(self) -> str | None:
         """Why it cannot take one more message now; None when it can."""
 
+    def down_reason(self) -> str | None:
+        """Why nothing it holds will be handled until an operator acts; None
+        while it works, or will by itself (a restart is due)."""
+
     def accept(self, delivery: Delivery) -> None:
         """Take ``delivery``; report its end to ``Router.settle``."""
 
@@ -87,6 +93,8 @@ class Router:
         self._restored = False
         self.published = 0
         self.unrouted = 0
+        #: Why every message is refused now (busd is stopping); None: none is.
+        self.refusal: str | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -99,6 +107,14 @@ class Router:
         self._spool = spool
         self._ids = itertools.count(spool.last_id + 1)
         self._restored = False
+
+    def refuse_publishes(self, reason: str) -> None:
+        """Refuse every message from now on, as ``busy`` saying ``reason``.
+
+        At the start of busd's stop: a message accepted later could miss
+        the spool (closed at stop) and its brokers (stopped), and be lost.
+        """
+        self.refusal = reason
 
     def use_dead_letters(self, store: DeadLetters) -> None:
         """Keep dead letters in ``store`` from now on (the spool's, at start)."""
@@ -175,9 +191,18 @@ class Router:
         The answer is ``{"id", "brokers", "subscribers"}``. ``when_settled``
         is called once every route settled it, unless no route took it
         (``brokers`` is 0: the caller answers at once). Raises ``busy`` (a
-        route is full, or the spool cannot record it) or, with
-        ``strict_channels`` or ``needs_route``, ``unknown_channel``.
+        route is full, the spool cannot record it, or busd is stopping),
+        ``unavailable`` (with ``when_settled``: a route is down, so the
+        message would wait for an operator, and its caller with it) or, with
+        ``strict_channels`` or ``needs_route``, ``unknown_channel``. A
+        refused message is not accepted anywhere.
         """
+        if self.refusal is not None:
+            raise ProtocolError(
+                ErrorCode.BUSY,
+                f"{self.refusal}: the message was not accepted; try again once "
+                "busd runs again",
+            )
         routes = self.routes.get(channel, ())
         if not routes and (self.strict_channels or needs_route):
             raise ProtocolError(
@@ -185,6 +210,14 @@ class Router:
                 f"no broker listens on channel {channel!r}"
                 + (" (strict_channels is on)" if self.strict_channels else ""),
             )
+        if when_settled is not None:
+            for route in routes:
+                down = route.down_reason()
+                if down is not None:
+                    raise ProtocolError(
+                        ErrorCode.UNAVAILABLE,
+                        f"{down}; the message was not accepted",
+                    )
         for route in routes:
             reason = route.busy_reason()
             if reason is not None:

@@ -33,16 +33,19 @@ S = InstanceState
 #: No scenario may take longer than this (each takes milliseconds).
 DEADLINE = 3.0
 
-#: Restarts come at once, so that BACKOFF and FATAL are reached fast.
-FAST = RestartTiming(
-    fast_failure_seconds=1.0, max_fast_failures=5, backoff_first=0.001, backoff_cap=0.01
-)
+#: Restarts come at once (with ``broker_config``'s ``backoff_max``), so
+#: that a series of failed starts is over in milliseconds.
+FAST = RestartTiming(backoff_first=0.001)
 
 
 def broker_config(name: str = "b", **changes: Any) -> BrokerConfig:
-    """A handler broker named ``name``; ``changes`` as dataclasses.replace."""
+    """A handler broker named ``name``; ``changes`` as dataclasses.replace.
+
+    Its backoff is capped at 10 ms (``backoff_max``) unless ``changes`` say
+    otherwise: a long series of failed starts stays quick.
+    """
     base = dataclasses.replace(
-        BrokerConfig(name), handler="tests:Worker", stop_timeout=1.0
+        BrokerConfig(name), handler="tests:Worker", stop_timeout=1.0, backoff_max=0.01
     )
     return dataclasses.replace(base, **changes)
 
@@ -112,7 +115,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.auto_exit = auto_exit
         self.ignore = set(ignore)
-        #: What wait() returns: the status, or None (the fork server died).
+        #: What wait() returns: the status, or None (unknown: not busd's child).
         self._exit: asyncio.Future[int | None] = (
             asyncio.get_running_loop().create_future()
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from helpers import (
     ROOT,
@@ -29,12 +30,14 @@ from helpers import (
     wait_for,
 )
 
-# A handler that cannot be imported: every start fails fast, then FATAL.
+# A handler that cannot be imported: every start fails, then FATAL (on the
+# second failed start: start_retries 1).
 BROKEN = f"""
 [brokers.broken]
 handler = "no_such_module_for_busd_tests:Broker"
 cwd = {json.dumps(str(ROOT))}
 channels = ["audit"]
+start_retries = 1
 """
 
 
@@ -61,19 +64,71 @@ def test_state_without_brokers_says_so(busd_daemon):
     assert state_table(busd_daemon).endswith("\n   Brokers: none configured\n")
 
 
-def test_a_fatal_instance_shows_its_last_exit(start_busd):
-    daemon = start_busd(config_text=BROKEN)
-    row = re.search(r"^  broken:0  FATAL     (.*)$", state_table(daemon), re.MULTILINE)
-    assert row, state_table(daemon)
-    exit_status = re.match(r"last exit: (exit status [1-9]\d*)  restarts \d+", row[1])
-    assert exit_status, row[1]
+def test_state_says_healthy_and_exits_0_while_every_wanted_instance_runs(orders):
+    table = state_table(orders)  # exit status 0
+    assert "\n    Health: healthy\n" in table
+    as_json = run(orders, "--json", "state")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["health"] == {"status": "healthy", "reasons": []}
+    # An instance stopped on purpose is not missed.
+    assert run(orders, "stop", "orders:1").returncode == 0
+    table = state_table(orders)
+    assert "\n    Health: healthy\n" in table
+    assert re.search(r"^  orders:1  STOPPED   last exit: exit status 0  ", table, re.M)
 
+
+def test_a_fatal_instance_says_why_and_state_exits_3(start_busd):
+    """Was failing (issue 15): `busctl state` exited 0 with a FATAL broker, the
+    header looked the same whatever the health, the FATAL row did not say why."""
+    daemon = start_busd(config_text=BROKEN)
+    wait_for(
+        lambda: broker_state(daemon, "broken")["instances"][0]["state"] == "FATAL",
+        what="broken:0 FATAL",
+    )
+    result = run(daemon, "state")
+    assert (result.returncode, result.stderr) == (3, "")
+    assert (
+        "\n    Health: degraded - broken:0 FATAL (2 failed starts)\n" in result.stdout
+    )
+    row = re.search(r"^  broken:0  FATAL     (.*)$", result.stdout, re.MULTILINE)
+    assert row, result.stdout
+    assert re.match(
+        r"2 failed starts \(start_retries 1\), last exit: exit status [1-9]\d* "
+        r"before it was ready  restarts 1  ",
+        row[1],
+    ), row[1]
+    as_json = run(daemon, "--json", "state")
+    assert as_json.returncode == 3, as_json.stderr
+    state = json.loads(as_json.stdout)
+    assert state["health"] == {
+        "status": "degraded",
+        "reasons": ["broken:0 FATAL (2 failed starts)"],
+    }
+    (described,) = state["brokers"]["broken"]["instances"]
+    assert (described["failures"], described["next_try"]) == (2, None)
+    assert described["exit_cause"].endswith(" before it was ready")
+
+    # Nothing will take a message on its channel without an operator.
+    began = time.monotonic()
+    refused = run(daemon, "--timeout", "30", "publish", "--wait", "audit", "x")
+    assert time.monotonic() - began < 10
+    assert refused.returncode == 69
+    assert assert_one_line_error(refused).startswith(
+        "busctl: no instance of broker 'broken' can run: broken:0 FATAL "
+        "(2 failed starts) (`busctl start broken` starts them;"
+    )
+    assert broker_state(daemon, "broken")["accepted"] == 0
+
+    # busctl start answers at the first failed start (BACKOFF: a retry is
+    # due), not only once the retries are spent.
     result = run(daemon, "start", "broken:0")
     assert result.returncode == 1
-    assert re.fullmatch(r"started broken:0: FATAL \(exit status \d+\)\n", result.stdout)
     assert re.fullmatch(
-        r"busctl: not running after start: broken:0 FATAL \(exit status \d+\); "
-        r"`busctl logs` says why",
+        r"started broken:0: (BACKOFF|FATAL) \(exit status \d+\)\n", result.stdout
+    ), result.stdout
+    assert re.fullmatch(
+        r"busctl: not running after start: broken:0 (BACKOFF|FATAL) "
+        r"\(exit status \d+\); `busctl logs` says why",
         assert_one_line_error(result),
     )
     assert daemon.stop() == 0
@@ -134,23 +189,39 @@ def test_publish_wait_says_when_a_message_went_dead(orders):
     )
 
 
-def test_publish_wait_times_out_while_no_instance_runs(orders):
+def test_publish_wait_is_refused_at_once_while_no_instance_can_run(orders):
+    """Was failing (issue 15): it waited the whole --timeout, then advised to
+    raise --timeout, and did not name the broker."""
     stopped = run(orders, "stop", "orders")
     assert (stopped.returncode, stopped.stdout) == (
         0,
         "stopped orders: 0 of 2 instances running\n",
     )
-    result = run(orders, "--timeout", "0.5", "publish", "--wait", "main", "BUY A 1")
-    assert result.returncode == 75
-    assert "raise --timeout rather than publish again" in assert_one_line_error(result)
+    began = time.monotonic()
+    result = run(orders, "--timeout", "30", "publish", "--wait", "main", "BUY A 1")
+    assert time.monotonic() - began < 10  # at once, not after 30 s
+    assert (result.returncode, result.stdout) == (69, "")
+    assert assert_one_line_error(result) == (
+        "busctl: no instance of broker 'orders' can run: orders:0 STOPPED, "
+        "orders:1 STOPPED (`busctl start orders` starts them; `busctl logs "
+        "orders` says why they stopped); the message was not accepted"
+    )
+    many = run(orders, "publish", "--wait", "main", "-", input="BUY B 1\n")
+    assert many.returncode == 69
+    assert "no instance of broker 'orders' can run" in assert_one_line_error(many)
+    assert broker_state(orders)["accepted"] == 0  # refused, not queued
 
-    # The message was accepted: once an instance runs, it is delivered.
+    # A plain publish asks for no outcome: it is queued, and delivered once
+    # an instance runs.
+    assert run(orders, "publish", "main", "BUY C 1").returncode == 0
     started = run(orders, "start", "orders")
     assert (started.returncode, started.stdout) == (
         0,
         "started orders: 2 of 2 instances running\n",
     )
     wait_for(lambda: broker_state(orders)["acked"] == 1, what="the queued order")
+    waited = run(orders, "publish", "--wait", "main", "BUY D 1")
+    assert waited.returncode == 0, waited.stderr
 
 
 # -- help ------------------------------------------------------------------------------

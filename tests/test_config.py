@@ -132,6 +132,9 @@ user = "orders"
 max_inflight = 1
 queue_size = 1
 max_retries = 0
+start_retries = 0
+backoff_max = 2
+backoff_reset = 0.5
 
 [brokers.audit-log_2]
 command = ["/usr/bin/audit", "--json"]
@@ -177,6 +180,9 @@ def test_full_file_round_trips_into_the_dataclasses(tmp_path):
                 max_inflight=1,
                 queue_size=1,
                 max_retries=0,
+                start_retries=0,
+                backoff_max=2.0,
+                backoff_reset=0.5,
             ),
             "audit-log_2": BrokerConfig(
                 name="audit-log_2",
@@ -193,6 +199,8 @@ def test_full_file_round_trips_into_the_dataclasses(tmp_path):
     assert audit.handler is None
     assert isinstance(audit.stop_timeout, float)
     assert audit.restart == "never"  # a StrEnum compares to its text
+    assert audit.start_retries is None  # absent: retried for ever
+    assert isinstance(c.brokers["orders"].backoff_max, float)
 
 
 def test_config_is_immutable(tmp_path):
@@ -325,6 +333,16 @@ BAD = [
     (ORDERS + "max_inflight = 0\n", ["[brokers.orders] max_inflight: expected an integer >= 1, got 0"]),
     (ORDERS + "queue_size = 0\n", ["[brokers.orders] queue_size: expected an integer >= 1, got 0"]),
     (ORDERS + "max_retries = -1\n", ["[brokers.orders] max_retries: expected an integer >= 0, got -1"]),
+    # the restart backoff
+    (ORDERS + "start_retries = -1\n", ["[brokers.orders] start_retries: expected an integer >= 0, got -1"]),
+    (ORDERS + "start_retries = true\n", ["[brokers.orders] start_retries: expected an integer >= 0, got true"]),
+    (ORDERS + "start_retries = 2.5\n", ["[brokers.orders] start_retries: expected an integer >= 0, got 2.5"]),
+    (ORDERS + 'start_retries = "5"\n', ['[brokers.orders] start_retries: expected an integer >= 0, got "5"']),
+    (ORDERS + "backoff_max = 0\n", ["[brokers.orders] backoff_max: expected a number of seconds > 0, got 0"]),
+    (ORDERS + "backoff_max = inf\n", ["[brokers.orders] backoff_max: expected a number of seconds > 0, got inf"]),
+    (ORDERS + 'backoff_max = "30s"\n', ['[brokers.orders] backoff_max: expected a number of seconds > 0, got "30s"']),
+    (ORDERS + "backoff_reset = -10\n", ["[brokers.orders] backoff_reset: expected a number of seconds > 0, got -10"]),
+    (ORDERS + "backoff = 5\n", ['[brokers.orders] unknown key "backoff" (did you mean "backoff_max"?)']),
 ]  # fmt: skip
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from core_fakes import (
-    FAST,
     FakeProcess,
     Harness,
     broker_config,
@@ -427,7 +426,7 @@ def test_a_message_that_hangs_workers_more_than_max_retries_times_is_dead() -> N
         assert broker.dead == 1 and queued(broker) == []
         assert h.launcher.current("b", 0).deliveries() == []  # not a third time
 
-    run(scenario, timing=FAST._replace(max_fast_failures=10))
+    run(scenario)
 
 
 # -- counters, reload, start, and what the log says -----------------------------------
@@ -460,19 +459,53 @@ def test_a_reloaded_config_is_the_brokers_from_then_on() -> None:
     run(scenario)
 
 
+def test_down_reason_names_each_instance_once_none_can_run() -> None:
+    async def scenario(h: Harness) -> None:
+        h.launcher.auto_exit = False
+        broker = await h.running_broker(broker_config(instances=2, start_retries=0))
+        first, second = broker.instances
+        h.process(first).exit(3)  # at once after ready: a failed start
+        await wait_until(lambda: first.state is S.FATAL, "FATAL")
+        assert broker.down_reason() is None  # b:1 runs
+        # A restart stops the worker before it starts the next one: the
+        # broker is not down meanwhile.
+        restart = asyncio.create_task(broker.restart(1))
+        await wait_until(lambda: second.state is S.STOPPING, "STOPPING")
+        assert broker.down_reason() is None
+        h.process(second).exit(0)
+        await wait_until(lambda: second.state is S.STARTING, "STARTING")
+        assert broker.down_reason() is None
+        h.process(second).ready()
+        await restart
+        stop = asyncio.create_task(broker.stop(1))
+        await wait_until(lambda: second.state is S.STOPPING, "STOPPING")
+        assert broker.down_reason() is not None  # on its way out, for good
+        h.process(second).exit(0)
+        await stop
+        assert broker.down_reason() == (
+            "no instance of broker 'b' can run: b:0 FATAL (1 failed start), "
+            "b:1 STOPPED (`busctl start b` starts them; `busctl logs b` says why "
+            "they stopped)"
+        )
+        await broker.start(0)
+        assert broker.down_reason() is None
+
+    run(scenario)
+
+
 def test_start_starts_one_instance_or_every_stopped_one_afresh() -> None:
     async def scenario(h: Harness) -> None:
         broker = await h.running_broker(broker_config(instances=3))
         await broker.stop()
         assert [i.state for i in broker.instances] == [S.STOPPED] * 3
-        broker.instances[1].fast_failures = 2  # it had failed before the stop
+        broker.instances[1].failures = 2  # it had failed before the stop
         await broker.start(1)
         assert [i.state for i in broker.instances] == [
             S.STOPPED,
             S.STARTING,
             S.STOPPED,
         ]
-        assert broker.instances[1].fast_failures == 0
+        assert broker.instances[1].failures == 0
         await broker.start()
         assert [i.state for i in broker.instances] == [S.STARTING] * 3
         assert len(h.launcher.of("b", 1)) == 2  # started once again only
@@ -529,7 +562,7 @@ def test_retries_and_deaths_are_logged_as_the_runbook_shows_them() -> None:
         return pids
 
     with busd_log(logging.WARNING) as log:
-        first, second = run(scenario, timing=FAST._replace(max_fast_failures=10))
+        first, second = run(scenario)
     assert log.lines == [
         (
             "WARNING",

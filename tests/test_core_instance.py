@@ -27,7 +27,7 @@ from core_fakes import (
 
 from busd.config import Restart
 from busd.supervision.delivery import Delivery
-from busd.supervision.instance import Instance
+from busd.supervision.instance import Instance, backoff_delay
 from busd.supervision.pipes import MAX_LOG_LINE, WORKER_MAX_FRAME
 from busd.supervision.states import ALLOWED, InstanceState
 
@@ -86,13 +86,13 @@ def test_a_life_follows_the_diagram_and_each_change_is_announced() -> None:
 
 def test_crash_backoff_restart_stop_fatal_start_in_the_diagrams_order() -> None:
     async def scenario(h: Harness) -> None:
-        instance, _ = await running(h, restart=Restart.ALWAYS)
+        instance, _ = await running(h, restart=Restart.ALWAYS, start_retries=2)
         h.process(instance).exit(1)
         await wait_until(lambda: len(h.launcher.processes) == 2, "the restart")
         assert instance.restarts == 1
         h.process(instance).ready()
         await instance.stop()
-        # Stop and start alone do not forget fast failures (busctl's do,
+        # Stop and start alone do not forget failed starts (busctl's do,
         # with reset()): this series goes on from 1 to 3, FATAL.
         await instance.start()
         h.process(instance).exit(1)
@@ -128,7 +128,7 @@ def test_crash_backoff_restart_stop_fatal_start_in_the_diagrams_order() -> None:
         for old, new in itertools.pairwise(states):
             assert new in ALLOWED[old], (old, new)
 
-    run(scenario, timing=FAST._replace(max_fast_failures=3))
+    run(scenario)
 
 
 def test_state_changed_sees_the_new_state_already() -> None:
@@ -164,39 +164,44 @@ def test_a_move_the_diagram_lacks_is_refused() -> None:
 # -- restart policy, backoff, FATAL -----------------------------------------------
 
 
-def test_fast_failures_back_off_doubling_then_give_fatal() -> None:
+def test_failed_starts_back_off_doubling_then_give_fatal_past_start_retries():
     async def scenario(h: Harness) -> None:
-        instance, _ = make(h)
+        instance, _ = make(h, start_retries=3)
         await instance.start()
         for count in range(1, 5):
-            # It dies before it said ready: a fast failure.
+            # It dies before it said ready: a failed start.
             h.launcher.processes[-1].exit(3)
-            await wait_until(
-                lambda c=count: instance.fast_failures == c, f"failure {count}"
-            )
+            await wait_until(lambda c=count: instance.failures == c, f"failure {count}")
             if count < 4:
                 await wait_until(
                     lambda c=count: len(h.launcher.processes) == c + 1, "restart"
                 )
         assert instance.state is S.FATAL
         assert h.reasons("b:0", S.BACKOFF) == [
-            "restarting in 0.001 s",
-            "restarting in 0.002 s",
-            "restarting in 0.004 s",
+            "failed start 1 in a row, next try in 0.001 s",
+            "failed start 2 in a row, next try in 0.002 s",
+            "failed start 3 in a row, next try in 0.004 s",
         ]
-        assert h.reasons("b:0", S.FATAL) == ["4 fast failures"]
+        assert h.reasons("b:0", S.FATAL) == ["4 failed starts"]
         assert instance.restarts == 3
         assert instance.last_exit == "exit status 3"
+        assert instance.exit_cause == "exit status 3 before it was ready"
+        assert instance.condition() == "FATAL (4 failed starts)"
+        assert (instance.retry_at, instance.can_run(), instance.wanted) == (
+            None,
+            False,
+            True,
+        )
         # FATAL stays: no restart is pending.
         await after_timers(0.02)
         assert len(h.launcher.calls) == 4
 
-    run(scenario, timing=FAST._replace(max_fast_failures=4))
+    run(scenario)
 
 
 def test_the_backoff_delay_stops_doubling_at_its_cap() -> None:
     async def scenario(h: Harness) -> None:
-        instance, _ = make(h)
+        instance, _ = make(h, backoff_max=0.003)
         await instance.start()
         for count in range(1, 4):
             h.launcher.processes[-1].exit(1)
@@ -204,39 +209,50 @@ def test_the_backoff_delay_stops_doubling_at_its_cap() -> None:
                 lambda c=count: len(h.launcher.processes) == c + 1, "restart"
             )
         assert h.reasons("b:0", S.BACKOFF) == [
-            "restarting in 0.001 s",
-            "restarting in 0.002 s",
-            "restarting in 0.003 s",
+            "failed start 1 in a row, next try in 0.001 s",
+            "failed start 2 in a row, next try in 0.002 s",
+            "failed start 3 in a row, next try in 0.003 s",
         ]
 
-    run(scenario, timing=FAST._replace(backoff_cap=0.003))
+    run(scenario)
 
 
-def test_a_slow_failure_counts_as_the_first_of_a_new_series() -> None:
+def test_a_worker_that_ran_backoff_reset_seconds_starts_a_new_series() -> None:
     async def scenario(h: Harness) -> None:
-        instance, _ = make(h)
+        instance, _ = make(h, backoff_reset=0.05, start_retries=2)
         await instance.start()
-        h.process(instance).exit(1)  # before ready: fast
+        h.process(instance).exit(1)  # before ready: a failed start
         await wait_until(lambda: len(h.launcher.processes) == 2, "restart")
-        h.process(instance).exit(1)
+        process = h.process(instance)
+        process.ready()
+        process.exit(1)  # at once after ready: a failed start too
         await wait_until(lambda: len(h.launcher.processes) == 3, "restart")
-        assert instance.fast_failures == 2
+        assert instance.failures == 2
+        assert instance.exit_cause is not None
+        assert instance.exit_cause.startswith("exit status 1 after 0.0 s running")
         process = h.process(instance)
         process.ready()
         assert instance.ready_at is not None
         ready_at = instance.ready_at
-        timing = h.services.timing
-        # It runs longer than fast_failure_seconds after "ready"...
+        # It runs longer than backoff_reset after "ready"...
         await wait_until(
-            lambda: time.time() - ready_at > 2 * timing.fast_failure_seconds,
-            "the worker to have run a while",
+            lambda: time.time() - ready_at > 0.06, "the worker to have run a while"
         )
-        process.exit(1)  # ...so its death is a slow failure.
+        process.exit(1)  # ...so its death is no failed start: no FATAL.
         await wait_until(lambda: instance.state is not S.RUNNING, "the exit")
-        assert instance.fast_failures == 1
-        assert h.reasons("b:0", S.BACKOFF)[-1] == "restarting in 0.001 s"
+        assert instance.state is S.BACKOFF
+        assert instance.failures == 0
+        assert h.reasons("b:0", S.BACKOFF)[-1] == "next try in 0.001 s"
+        assert instance.condition() == "BACKOFF"
+        # The new series starts from the first delay, and counts from 1.
+        await wait_until(lambda: len(h.launcher.processes) == 4, "restart")
+        h.process(instance).exit(1)
+        await wait_until(lambda: instance.failures == 1, "a failed start")
+        assert h.reasons("b:0", S.BACKOFF)[-1] == (
+            "failed start 1 in a row, next try in 0.001 s"
+        )
 
-    run(scenario, timing=FAST._replace(fast_failure_seconds=0.005))
+    run(scenario)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +274,7 @@ def test_the_restart_policy_after_an_unexpected_exit(
     async def scenario(h: Harness) -> None:
         # A long backoff: the state after the exit is the one looked at.
         h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
-        instance, _ = await running(h, restart=restart)
+        instance, _ = await running(h, restart=restart, backoff_max=10.0)
         h.process(instance).exit(status)
         await wait_until(lambda: instance.state is not S.RUNNING, "the exit")
         assert instance.state is after
@@ -274,14 +290,15 @@ def test_the_restart_policy_after_an_unexpected_exit(
 @pytest.mark.parametrize(
     "error", [OSError("fork server gone"), ValueError("unknown user 'nobody2'")]
 )
-def test_a_launch_that_raises_is_a_fast_failure(error: Exception) -> None:
+def test_a_launch_that_raises_is_a_failed_start(error: Exception) -> None:
     async def scenario(h: Harness) -> None:
         h.launcher.fail_next(error, error)
-        instance, _ = make(h)
+        instance, _ = make(h, start_retries=1)
         await instance.start()  # does not raise
         assert instance.state is S.BACKOFF
         assert instance.last_exit == f"cannot start: {error}"
-        assert instance.fast_failures == 1
+        assert instance.exit_cause == f"cannot start: {error}"
+        assert instance.failures == 1
         assert instance.process is None
         await wait_until(lambda: instance.state is S.FATAL, "FATAL")
         assert h.states("b:0") == [
@@ -299,7 +316,7 @@ def test_a_launch_that_raises_is_a_fast_failure(error: Exception) -> None:
         h.process(instance).ready()
         assert instance.state is S.RUNNING
 
-    run(scenario, timing=FAST._replace(max_fast_failures=2))
+    run(scenario)
 
 
 def test_a_launch_that_raises_with_restart_never_stops() -> None:
@@ -309,6 +326,154 @@ def test_a_launch_that_raises_with_restart_never_stops() -> None:
         await instance.start()
         assert instance.state is S.STOPPED
         assert instance.last_exit == "cannot start: no fork"
+
+    run(scenario)
+
+
+def test_without_start_retries_a_failing_start_is_retried_for_ever_at_the_cap():
+    count = 40  # far past the old limit of 5, and past the doubling's cap
+
+    async def scenario(h: Harness) -> None:
+        instance, _ = make(h, backoff_max=0.004)
+        await instance.start()
+        for attempt in range(1, count + 1):
+            h.launcher.processes[-1].exit(1)
+            await wait_until(lambda a=attempt: instance.failures == a, "the failure")
+            assert instance.state is S.BACKOFF
+            assert instance.can_run() and instance.wanted
+            await wait_until(
+                lambda a=attempt: len(h.launcher.processes) == a + 1, "the restart"
+            )
+        delays = [r.rsplit(" in ", 1)[1] for r in h.reasons("b:0", S.BACKOFF)]
+        assert delays == ["0.001 s", "0.002 s"] + ["0.004 s"] * (count - 2)
+        assert S.FATAL not in h.states("b:0")
+        assert instance.restarts == count
+
+    run(scenario)
+
+
+def test_the_backoff_delay_neither_overflows_nor_passes_its_cap() -> None:
+    assert [backoff_delay(0.1, 30.0, n) for n in (0, 1, 2, 3, 9, 10)] == [
+        0.1,
+        0.1,
+        0.2,
+        0.4,
+        25.6,
+        30.0,
+    ]
+    # A crash loop of days: 0.1 * 2 ** 100_000 would not fit a float.
+    assert backoff_delay(0.1, 30.0, 100_000) == 30.0
+
+
+def test_start_retries_0_gives_fatal_at_the_first_failed_start() -> None:
+    async def scenario(h: Harness) -> None:
+        instance, _ = make(h, start_retries=0)
+        await instance.start()
+        h.process(instance).exit(2)
+        await wait_until(lambda: instance.state is S.FATAL, "FATAL")
+        assert h.reasons("b:0", S.FATAL) == ["1 failed start"]
+        assert instance.condition() == "FATAL (1 failed start)"
+        assert len(h.launcher.calls) == 1
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("restart", "status", "after"),
+    [
+        (Restart.ON_FAILURE, 0, S.BACKOFF),
+        (Restart.ON_FAILURE, 1, S.BACKOFF),
+        (Restart.ALWAYS, 0, S.BACKOFF),
+        (Restart.NEVER, 0, S.STOPPED),
+    ],
+)
+def test_an_exit_before_ready_is_a_failed_start_whatever_its_status(
+    restart: Restart, status: int, after: S
+) -> None:
+    """Was failing (issue 15): ``command = ["/bin/true"]`` with restart =
+    on-failure ended STOPPED, taken for a clean exit, its queue growing with
+    nothing said."""
+
+    async def scenario(h: Harness) -> None:
+        h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
+        instance, _ = make(h, restart=restart, backoff_max=10.0)
+        await instance.start()
+        h.process(instance).exit(status)
+        await wait_until(lambda: instance.state is not S.STARTING, "the exit")
+        assert instance.state is after
+        cause = f"exit status {status} before it was ready"
+        assert instance.exit_cause == cause
+        # Still wanted: under "never" it stays down, but health asks for it.
+        assert instance.wanted
+        if after is S.BACKOFF:
+            assert instance.failures == 1
+            assert h.reasons("b:0", S.BACKOFF) == [
+                "failed start 1 in a row, next try in 10 s"
+            ]
+            assert instance.can_run()
+            assert instance.retry_at is not None
+            assert 9 < instance.retry_at - time.monotonic() <= 10
+        else:
+            assert instance.condition() == f"STOPPED ({cause}; restart = never)"
+            assert not instance.can_run()
+        await instance.stop()
+        assert (instance.wanted, instance.retry_at) == (False, None)
+
+    with busd_log() as log:
+        run(scenario)
+    assert any(
+        level == "ERROR"
+        and line.endswith(
+            f"exited unexpectedly (exit status {status}) before it was ready"
+        )
+        for level, line in log.lines
+    ), log.lines
+
+
+@pytest.mark.parametrize("restart", [Restart.ON_FAILURE, Restart.NEVER])
+def test_a_clean_exit_after_ready_that_is_not_restarted_is_not_missed(
+    restart: Restart,
+) -> None:
+    async def scenario(h: Harness) -> None:
+        instance, _ = await running(h, restart=restart)
+        h.process(instance).exit(0)
+        await wait_until(lambda: instance.state is S.STOPPED, "STOPPED")
+        assert not instance.wanted and not instance.can_run()
+        assert instance.condition() == "STOPPED"
+        await instance.start()  # busctl start: wanted again
+        assert instance.wanted and instance.can_run()
+
+    run(scenario)
+
+
+def test_restart_keeps_the_instance_wanted_and_able_to_run_throughout() -> None:
+    async def scenario(h: Harness) -> None:
+        h.launcher.auto_exit = False
+        instance, _ = await running(h, start_retries=3)
+        instance.failures = 2  # a series that restart() forgets
+        first = h.process(instance)
+        seen: list[tuple[S, bool, bool]] = []
+
+        def state_changed(view: object, old: S, reason: str) -> None:
+            seen.append((instance.state, instance.wanted, instance.can_run()))
+
+        instance.services = h.services._replace(state_changed=state_changed)
+        restart = asyncio.create_task(instance.restart())
+        await wait_until(lambda: instance.state is S.STOPPING, "STOPPING")
+        first.exit(0)
+        await restart
+        assert seen == [
+            (S.STOPPING, True, True),
+            (S.STOPPED, True, True),
+            (S.STARTING, True, True),
+        ]
+        assert instance.failures == 0
+        # A stop on purpose: not wanted, and it cannot run.
+        stop = asyncio.create_task(instance.stop())
+        await wait_until(lambda: instance.state is S.STOPPING, "STOPPING")
+        assert not instance.wanted and not instance.can_run()
+        h.process(instance).exit(0)
+        await stop
 
     run(scenario)
 
@@ -704,7 +869,9 @@ def test_a_worker_killed_for_a_timeout_is_not_charged_again_before_it_is_gone():
 def test_the_log_tells_a_workers_life_as_the_runbook_shows_it() -> None:
     async def scenario(h: Harness) -> list[tuple[str, str]]:
         h.launcher.fail_next(OSError("fork server gone"))
-        instance, pool = make(h, restart=Restart.ALWAYS, max_inflight=5)
+        instance, pool = make(
+            h, restart=Restart.ALWAYS, max_inflight=5, start_retries=2
+        )
         await instance.start()  # cannot start: BACKOFF, then a launch that works
         await wait_until(lambda: h.launcher.processes, "the restart")
         first = h.process(instance)
@@ -745,7 +912,7 @@ def test_the_log_tells_a_workers_life_as_the_runbook_shows_it() -> None:
         return lines
 
     with busd_log() as log:
-        lines = run(scenario, timing=FAST._replace(max_fast_failures=3))
+        lines = run(scenario)
     assert lines == [
         ("ERROR", "b:0: cannot start: fork server gone"),
         ("INFO", "b:0: started, PID P1"),
@@ -766,7 +933,8 @@ def test_the_log_tells_a_workers_life_as_the_runbook_shows_it() -> None:
         ),
         (
             "ERROR",
-            "b:0: FATAL after 3 fast failures in a row; `busctl start b:0` tries again",
+            "b:0: FATAL after 3 failed starts in a row (start_retries = 2); "
+            "`busctl start b:0` tries again",
         ),
         ("INFO", "b:0: started, PID P3"),
         (
@@ -860,7 +1028,7 @@ def test_stderr_lines_keep_their_text_and_replace_undecodable_bytes() -> None:
 def test_deliveries_queued_for_a_worker_that_died_meanwhile_are_not_written() -> None:
     async def scenario(h: Harness) -> None:
         h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
-        instance, pool = await running(h, max_inflight=5)
+        instance, pool = await running(h, max_inflight=5, backoff_max=10.0)
         process = h.process(instance)
         with h.outbox.hold():  # the write comes at the end of this read
             instance.deliver(Delivery(1, "main", "a"))
@@ -949,7 +1117,7 @@ def test_a_stop_that_times_out_during_the_launch_signals_nothing() -> None:
 def test_a_stopped_instance_starts_again_after_a_cancelled_backoff() -> None:
     async def scenario(h: Harness) -> None:
         h.services = h.services._replace(timing=FAST._replace(backoff_first=10.0))
-        instance, _ = await running(h)
+        instance, _ = await running(h, backoff_max=10.0)
         h.process(instance).exit(1)
         await wait_until(lambda: instance.state is S.BACKOFF, "BACKOFF")
         await instance.stop()
@@ -965,7 +1133,7 @@ def test_a_stopped_instance_starts_again_after_a_cancelled_backoff() -> None:
 
 def test_reset_starts_a_new_series_from_the_first_backoff_delay() -> None:
     async def scenario(h: Harness) -> None:
-        instance, _ = make(h)
+        instance, _ = make(h, start_retries=1)
         await instance.start()
         for _ in range(2):
             h.launcher.processes[-1].exit(1)
@@ -976,11 +1144,13 @@ def test_reset_starts_a_new_series_from_the_first_backoff_delay() -> None:
         await instance.start()
         h.process(instance).exit(1)
         await wait_until(lambda: instance.state is S.BACKOFF, "BACKOFF")
-        assert instance.fast_failures == 1
-        assert h.reasons("b:0", S.BACKOFF)[-1] == "restarting in 0.001 s"
+        assert instance.failures == 1
+        assert h.reasons("b:0", S.BACKOFF)[-1] == (
+            "failed start 1 in a row, next try in 0.001 s"
+        )
         await instance.stop()
 
-    run(scenario, timing=FAST._replace(max_fast_failures=2))
+    run(scenario)
 
 
 def test_sigterm_comes_half_way_through_the_stop_timeout_and_sigkill_at_its_end():

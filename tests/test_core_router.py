@@ -23,20 +23,34 @@ from busd.router import Router
 from busd.spool import Spool, SpoolError
 from busd.supervision.broker import Broker
 from busd.supervision.delivery import Delivery
+from busd.supervision.states import InstanceState
+
+S = InstanceState
 
 
 class FakeRoute:
-    """A route that keeps what it is given; ``busy`` is its busy_reason."""
+    """A route that keeps what it is given; ``busy`` is its busy_reason,
+    ``down`` its down_reason."""
 
-    def __init__(self, name: str, *channels: str, busy: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *channels: str,
+        busy: str | None = None,
+        down: str | None = None,
+    ) -> None:
         self.name = name
         self.channels = channels
         self.busy = busy
+        self.down = down
         self.accepted: list[Delivery] = []
         self.restored: list[Delivery] = []
 
     def busy_reason(self) -> str | None:
         return self.busy
+
+    def down_reason(self) -> str | None:
+        return self.down
 
     def accept(self, delivery: Delivery) -> None:
         self.accepted.append(delivery)
@@ -88,6 +102,36 @@ def test_a_full_route_refuses_the_message_for_every_route_of_its_channel() -> No
     assert router.publish("main", "m")["id"] == 1  # refusals took no id
     assert router.publish("main", "n")["id"] == 2
     assert ids(free.accepted) == ids(full.accepted) == [1, 2]
+
+
+def test_a_wait_to_a_route_that_is_down_is_refused_and_not_accepted_anywhere(
+    tmp_path: Path,
+) -> None:
+    router = Router()
+    router.use_spool(Spool(str(tmp_path)))
+    up, down = FakeRoute("up", "main"), FakeRoute("down", "main", down="it is down")
+    # Down and full: being down is what counts (waiting would not help).
+    down.busy = "full"
+    router.set_routes("local", [up, down])
+    called: list[Any] = []
+    with pytest.raises(ProtocolError) as refusal:
+        router.publish("main", "m", called.append)
+    assert refusal.value.code == ErrorCode.UNAVAILABLE
+    assert refusal.value.message == "it is down; the message was not accepted"
+    assert (up.accepted, down.accepted, router.published) == ([], [], 0)
+    # A plain publish asks for no answer from the route: it is queued there
+    # (and spooled), to be handled once an operator starts the broker.
+    down.busy = None
+    assert router.publish("main", "plain")["id"] == 1  # the refusal took no id
+    assert ids(up.accepted) == ids(down.accepted) == [1]
+    down.down = None
+    assert router.publish("main", "n", called.append)["id"] == 2
+    router.close_spool()
+    again = Spool(str(tmp_path))
+    try:
+        assert sorted(again.pending) == [1, 2]  # nothing of the refused one
+    finally:
+        again.close()
 
 
 def test_a_channel_without_routes_is_unrouted_or_with_strict_channels_refused():
@@ -583,6 +627,39 @@ def test_one_full_broker_refuses_the_message_for_both_no_ids_duplicated() -> Non
         ps.ack(2)
         ps.ack(3)
         assert ps.delivered_ids() == pf.delivered_ids() == [1, 2, 3]
+
+    run(scenario)
+
+
+def test_a_wait_to_a_broker_with_no_instance_able_to_run_is_refused() -> None:
+    router = Router()
+
+    async def scenario(h: Harness) -> None:
+        (broker,) = await brokers(h, router, broker_config("b", instances=2))
+        first, second = broker.instances
+        tallies: list[dict[str, int]] = []
+        await first.stop()
+        # One instance that runs is enough.
+        assert router.publish("main", "m1", tallies.append)["brokers"] == 1
+        h.process(second).auto_exit = False
+        h.process(second).exit(1)  # a crash: BACKOFF, a restart is due
+        await wait_until(lambda: second.state is S.BACKOFF, "BACKOFF")
+        assert router.publish("main", "m2", tallies.append)["brokers"] == 1
+        await second.stop()
+        with pytest.raises(ProtocolError) as refusal:
+            router.publish("main", "m3", tallies.append)
+        assert refusal.value.code == ErrorCode.UNAVAILABLE
+        assert refusal.value.message == (
+            "no instance of broker 'b' can run: b:0 STOPPED, b:1 STOPPED "
+            "(`busctl start b` starts them; `busctl logs b` says why they "
+            "stopped); the message was not accepted"
+        )
+        assert broker.accepted == 2
+        await broker.scale(0)
+        with pytest.raises(ProtocolError, match="broker 'b' has no instances"):
+            router.publish("main", "m4", tallies.append)
+        await broker.scale(1)  # STARTING: it will run
+        assert router.publish("main", "m5", tallies.append)["id"] == 3
 
     run(scenario)
 

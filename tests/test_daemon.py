@@ -177,30 +177,55 @@ def test_a_stale_socket_is_replaced(start_busd, tmp_path):
 
 
 def test_a_second_daemon_on_the_same_pidfile_refuses(busd_daemon):
+    # Before: two tracebacks (the PID file's start step) and exit 70.
     other = subprocess.run(
         busd_run(busd_daemon.config, busd_daemon.socket + "2", busd_daemon.pidfile),
         capture_output=True,
+        text=True,
         timeout=30,
     )
-    assert other.returncode != 0
-    assert f"already running, PID {busd_daemon.pid}".encode() in other.stderr
+    assert (other.returncode, other.stderr) == (
+        75,
+        f"busd: already running: PID {busd_daemon.pid} (it holds the PID file "
+        f"{busd_daemon.pidfile}); stop it first (busd stop), or give this one "
+        "another socket and PID file\n",
+    )
     with busd_daemon.client() as client:
         assert client.ping() == "pong"
 
 
 def test_a_second_daemon_on_the_same_socket_refuses(busd_daemon):
+    # Before: two tracebacks (the socket's start step) and exit 70.
     other = subprocess.run(
         busd_run(busd_daemon.config, busd_daemon.socket, busd_daemon.pidfile + "2"),
         capture_output=True,
+        text=True,
         timeout=30,
     )
-    assert other.returncode != 0
-    assert (
-        b"busd already running: " + busd_daemon.socket.encode() + b" answers"
-        in other.stderr
+    assert (other.returncode, other.stderr) == (
+        75,
+        f"busd: already running: PID {busd_daemon.pid} on {busd_daemon.socket}; "
+        "stop it first (busd stop), or give this one another socket and PID "
+        "file\n",
     )
+    assert not os.path.exists(busd_daemon.pidfile + "2")
     with busd_daemon.client() as client:
         assert client.ping() == "pong"
+
+
+def test_a_second_daemon_on_both_names_the_pid_socket_and_pidfile(busd_daemon):
+    other = subprocess.run(
+        busd_run(busd_daemon.config, busd_daemon.socket, busd_daemon.pidfile),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (other.returncode, other.stderr) == (
+        75,
+        f"busd: already running: PID {busd_daemon.pid} on {busd_daemon.socket} "
+        f"(PID file {busd_daemon.pidfile}); stop it first (busd stop), or give "
+        "this one another socket and PID file\n",
+    )
 
 
 def _answers(path):

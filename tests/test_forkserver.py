@@ -269,6 +269,7 @@ def test_a_missing_broker_directory_is_reported_and_the_instance_fails(
     missing = tmp_path / "nowhere"
     config = (
         f'[brokers.lost]\nhandler = "brokers_for_tests:Recorder"\ncwd = "{missing}"\n'
+        "start_retries = 2\n"  # FATAL after 3 failed starts, not retried for ever
     )
     daemon = start_busd(config_text=config)
     with daemon.client() as client:

@@ -223,10 +223,14 @@ def test_modules_import_from_the_installed_package(installed: Installed) -> None
 
 def test_check_config_accepts_the_example(installed: Installed, tmp_path: Path) -> None:
     # As root the file must be root-owned and not group/world-writable: a
-    # copy made by this process, with mode 0644, is both.
-    config = tmp_path / "busd.toml"
+    # copy made by this process, with mode 0644, is both. check-config
+    # imports the example's handler from its cwd, "..": the copy's parent
+    # holds the examples, as the repository root does.
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "busd.toml"
     shutil.copyfile(REPO / "etc" / "busd.toml", config)
     config.chmod(0o644)
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
     result = installed.run(installed.bin / "busd", "check-config", "--config", config)
     assert result.stdout == f"{config}: OK (1 broker)\n"
 

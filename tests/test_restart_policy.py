@@ -2,8 +2,10 @@
 
 ``restart = "never"``, ``"on-failure"`` and ``"always"``, the BACKOFF
 between a worker's exit and its next start, redelivery of the message that
-ended a worker to the restarted one, and FATAL after MAX_FAST_FAILURES fast
-failures in a row (which ``broker_start`` clears, to try again).
+ended a worker to the restarted one, retries for ever by default (a worker
+that exits before it is ready, even with status 0, included), and FATAL
+only after more failed starts in a row than a broker's ``start_retries``
+(which ``broker_start`` clears, to try again).
 
 Every test starts a real daemon (``start_busd``) whose brokers are the
 brokers of tests/brokers_for_tests.py, and watches the ``events`` stream
@@ -12,21 +14,25 @@ and ``state`` with a deadline.
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 from helpers import (
+    assert_one_line_error,
     broker,
     broker_events,
     collect,
     rows,
+    run,
     wait_for,
     wait_records,
     wait_states,
 )
 
-from busd.supervision.services import RestartTiming
-
-MAX_FAST_FAILURES = RestartTiming().max_fast_failures
+START_RETRIES = 4
+#: Failed starts in a row that make an instance FATAL.
+FAILED_STARTS = START_RETRIES + 1
 
 # -- restart = never, on-failure, always -----------------------------------------------
 
@@ -121,17 +127,28 @@ def test_restart_policies(start_busd, tmp_path):
     assert sorted(again) == [("always", 0), ("onfail", 0), ("onfail", 1)]
 
 
-# -- FATAL after fast crashes ----------------------------------------------------------
+# -- FATAL after start_retries ---------------------------------------------------------
 
 
-def test_crash_at_start_becomes_fatal_and_start_tries_again(start_busd):
-    daemon = start_busd(config_text=broker("crashy", "brokers_for_tests:CrashAtStart"))
+def test_crash_at_start_becomes_fatal_past_start_retries_and_start_tries_again(
+    start_busd,
+):
+    daemon = start_busd(
+        config_text=broker(
+            "crashy", "brokers_for_tests:CrashAtStart", start_retries=START_RETRIES
+        )
+    )
     with daemon.client() as client:
         (row,) = wait_states(client, "crashy", ["FATAL"])
         assert row["last_exit"] == "exit status 3"
+        assert row["exit_cause"] == "exit status 3 before it was ready"
+        assert (row["failures"], row["next_try"]) == (FAILED_STARTS, None)
         assert row["pid"] is None
-        assert row["restarts"] == MAX_FAST_FAILURES - 1
-    assert "crashy:0: FATAL after 5 fast failures in a row" in daemon.log_text()
+        assert row["restarts"] == FAILED_STARTS - 1
+    assert (
+        "crashy:0: FATAL after 5 failed starts in a row (start_retries = 4); "
+        "`busctl start crashy:0` tries again"
+    ) in daemon.log_text()
 
     with daemon.client(timeout=30) as watcher, daemon.client(timeout=30) as client:
         stream = watcher.events()
@@ -139,10 +156,94 @@ def test_crash_at_start_becomes_fatal_and_start_tries_again(start_busd):
         events: list[dict[str, Any]] = []
         collect(stream, events, lambda e: "FATAL" in broker_events(e, "crashy"))
         states = broker_events(events, "crashy")
-        assert states == ["STARTING", "BACKOFF"] * (MAX_FAST_FAILURES - 1) + [
+        assert states == ["STARTING", "BACKOFF"] * (FAILED_STARTS - 1) + [
             "STARTING",
             "FATAL",
         ]
         assert all(e["instance"] == 0 for e in events if e.get("broker"))
         (row,) = wait_states(client, "crashy", ["FATAL"])
-        assert row["restarts"] == 2 * (MAX_FAST_FAILURES - 1)
+        assert row["restarts"] == 2 * (FAILED_STARTS - 1)
+
+
+# -- for ever by default ---------------------------------------------------------------
+
+
+def test_without_start_retries_a_crashing_broker_is_retried_for_ever(start_busd):
+    """Was failing (issue 15): FATAL after 5 fast failures, whatever the broker
+    said; its queue then waited for an operator."""
+    daemon = start_busd(
+        config_text=broker("crashy", "brokers_for_tests:CrashAtStart", backoff_max=0.2)
+    )
+    with daemon.client(timeout=30) as watcher, daemon.client() as client:
+        stream = watcher.events()
+        events: list[dict[str, Any]] = []
+        # Twice as many failed starts as the old limit, and more to come.
+        collect(
+            stream,
+            events,
+            lambda e: broker_events(e, "crashy").count("BACKOFF") >= 10,
+        )
+        assert "FATAL" not in broker_events(events, "crashy")
+        (row,) = rows(client, "crashy")
+        assert row["state"] in ("BACKOFF", "STARTING")
+        assert row["failures"] >= 10
+        assert row["exit_cause"] == "exit status 3 before it was ready"
+    log = daemon.log_text()
+    assert "FATAL" not in log
+    # The wait doubles (0.1, then 0.2 s) and stays at backoff_max.
+    assert (
+        "crashy:0: STARTING -> BACKOFF (failed start 1 in a row, next try in 0.1 s)"
+        in log
+    )
+    assert (
+        "crashy:0: STARTING -> BACKOFF (failed start 9 in a row, next try in 0.2 s)"
+        in log
+    )
+    assert daemon.stop() == 0
+
+
+def test_a_command_that_exits_0_before_it_is_ready_is_restarted_not_stopped(
+    start_busd,
+):
+    """Was failing (issue 15): ``command = ["/bin/true"]`` with restart =
+    on-failure ended STOPPED, its queue growing with no warning."""
+    daemon = start_busd(
+        config_text='[brokers.truth]\ncommand = ["/bin/true"]\nchannels = ["t"]\n'
+    )
+    with daemon.client() as client:
+        wait_for(
+            lambda: rows(client, "truth")[0]["failures"] >= 2,
+            what="two failed starts",
+        )
+        (row,) = rows(client, "truth")
+        assert row["state"] in ("BACKOFF", "STARTING"), row
+        assert row["exit_cause"] == "exit status 0 before it was ready"
+        assert row["should_run"] is True
+    log = daemon.log_text()
+    assert re.search(
+        r"truth:0 \(PID \d+\): exited unexpectedly \(exit status 0\) before it "
+        r"was ready",
+        log,
+    ), log
+    assert (
+        "truth:0: STARTING -> BACKOFF (failed start 1 in a row, next try in 0.1 s)"
+        in log
+    )
+    assert "truth:0: STARTING -> STOPPED" not in log
+
+    # busctl state: degraded, exit 3, the row says why.
+    result = run(daemon, "state")
+    assert result.returncode == 3, result.stderr
+    assert re.search(
+        r"^    Health: degraded - truth:0 (BACKOFF \(\d+ failed starts\)|STARTING)$",
+        result.stdout,
+        re.MULTILINE,
+    ), result.stdout
+    # A publish --wait is accepted: the broker will run, as far as busd
+    # knows, so the wait ends only with the timeout.
+    began = time.monotonic()
+    waited = run(daemon, "--timeout", "1", "publish", "--wait", "t", "x")
+    assert waited.returncode == 75, waited.stderr
+    assert time.monotonic() - began >= 1
+    assert "not every broker has settled" in assert_one_line_error(waited)
+    assert daemon.stop() == 0

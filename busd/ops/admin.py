@@ -41,6 +41,9 @@ def hello(
         "busd": __version__,
         "pid": os.getpid(),
         "ops": op_names,
+        # `busd start` must not take a busd on its way out for a running one.
+        "state": services.bus_state(),
+        "stopping": services.stopping(),
     }
 
 

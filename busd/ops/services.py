@@ -24,6 +24,8 @@ class OpServices(NamedTuple):
     ioloop: IOLoop
     #: The bus's state name now ("STARTED"...).
     bus_state: Callable[[], str]
+    #: True once an exit was requested or has begun (``hello`` says so).
+    stopping: Callable[[], bool]
     #: Reads the config file as a reload would; raises ConfigError or
     #: ValueError naming what is wrong, applies nothing.
     check_reload: Callable[[], object]

@@ -45,7 +45,7 @@ from busd.plugins.base import SimplePlugin
 if TYPE_CHECKING:
     from busd.bus import Bus
 
-__all__ = ["PIDFile", "PIDFileError", "read_pid"]
+__all__ = ["PIDFile", "PIDFileError", "holder_of", "read_pid"]
 
 # After daemonizing (65, so that the PID written is the daemon's, and the
 # lock is not held by a parent about to exit) and before the control socket
@@ -113,19 +113,7 @@ class PIDFile(SimplePlugin):
         None when there is no file or nobody holds its lock (stale). Our
         own process counts as a holder once ``start`` took the file.
         """
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return _read_fd(fd)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        return holder_of(self.path)
 
     # -- bus channels ---------------------------------------------------------
 
@@ -249,6 +237,27 @@ class PIDFile(SimplePlugin):
                 return False
             finally:
                 os.close(existing)
+
+
+def holder_of(path: str | os.PathLike[str]) -> int | None:
+    """The PID of the live process holding the PID file at ``path``, or None.
+
+    None when there is no file or nobody holds its lock (stale): the lock,
+    not the number in the file, says whether that process still runs.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_fd(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _parse_pid(data: bytes) -> int | None:

@@ -13,8 +13,8 @@ Delivery rules (docs/architecture.md):
   back to the head of the queue, flagged ``redelivered`` (at-least-once).
 
 A broker is a *route* of the router (busd/router.py): ``name``,
-``busy_reason()``, ``accept()`` and ``restore()``. Everything here runs on
-busd's I/O loop.
+``busy_reason()``, ``down_reason()``, ``accept()`` and ``restore()``.
+Everything here runs on busd's I/O loop.
 """
 
 from __future__ import annotations
@@ -95,9 +95,7 @@ class Broker:
         stopped one had not acknowledged is delivered again: none is lost.
         """
         for instance in self.select(index):
-            await instance.stop()
-            instance.reset()
-            await instance.start()
+            await instance.restart()
             await self.services.wait_settled([instance])
 
     def select(self, index: int | None) -> list[Instance]:
@@ -124,6 +122,27 @@ class Broker:
         return (
             f"broker {self.name!r} has {len(self.queue)} messages queued "
             f"(queue_size {self.config.queue_size})"
+        )
+
+    def down_reason(self) -> str | None:
+        """Why no instance will take a message until an operator acts, or None.
+
+        None while any instance runs or will (STARTING, RUNNING, BACKOFF,
+        restarting); a reason naming each instance's state when every one is
+        FATAL or STOPPED, or when there is none.
+        """
+        if any(instance.can_run() for instance in self.instances):
+            return None
+        if not self.instances:
+            return (
+                f"broker {self.name!r} has no instances "
+                f"(`busctl scale {self.name} N` starts some)"
+            )
+        states = ", ".join(f"{i.name} {i.condition()}" for i in self.instances)
+        return (
+            f"no instance of broker {self.name!r} can run: {states} "
+            f"(`busctl start {self.name}` starts them; `busctl logs {self.name}` "
+            "says why they stopped)"
         )
 
     def accept(self, delivery: Delivery) -> None:

@@ -7,10 +7,18 @@ stdout, log lines come on stderr. Its life is the diagram of
 ``busd.supervision.states``; every transition is made by
 :meth:`Instance.change_state`.
 
-A failure is *fast* when the worker never reported ready or died within
-``fast_failure_seconds`` of it; ``max_fast_failures`` in a row give FATAL.
-Between restarts the delay doubles from ``backoff_first`` up to
-``backoff_cap`` (``RestartTiming``).
+The restart policy (``_after_exit``): a start *fails* when the worker
+cannot be launched, or exits (whatever its status) before it was RUNNING
+for the broker's ``backoff_reset`` seconds. Each failed start in a row
+doubles the wait before the next one, from ``RestartTiming.backoff_first``
+up to the broker's ``backoff_max``; a worker that ran long enough starts a
+new series. busd retries for ever, unless the broker sets
+``start_retries``: one more failed start in a row than that gives FATAL,
+until ``busctl start`` (``reset``).
+
+An instance is *wanted* (``wanted``) from its start until it is stopped on
+purpose (``stop``), or the restart policy leaves it stopped after a clean
+exit: health (busd/report.py) asks that every wanted instance be RUNNING.
 
 An instance reports to two parties, both given when it is made: its
 ``pool`` (the broker: acks, nacks, requeues, room for more) and the
@@ -26,7 +34,7 @@ import signal
 import time
 from typing import Any, Protocol
 
-from busd.config import BrokerConfig
+from busd.config import BrokerConfig, Restart
 from busd.protocol import ProtocolError, encode_frame
 from busd.supervision.delivery import Delivery
 from busd.supervision.pipes import (
@@ -76,10 +84,19 @@ class Instance:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.restarts = 0
-        self.fast_failures = 0
+        #: Failed starts in a row (see the module docstring).
+        self.failures = 0
         self.acked = 0
         self.nacked = 0
+        #: How the last process ended ("exit status 1", "killed by SIGKILL").
         self.last_exit: str | None = None
+        #: Why the last process ended unexpectedly, and when: "exit status 1
+        #: before it was ready", "cannot start: ...".
+        self.exit_cause: str | None = None
+        #: busd means this instance to run (see the module docstring).
+        self.wanted = False
+        #: When the pending restart is due (time.monotonic()), in BACKOFF.
+        self.retry_at: float | None = None
         self.inflight: dict[int, Delivery] = {}
         # Encoded deliver frames for the outbox's next write (write_queued),
         # and the process they are for.
@@ -95,6 +112,9 @@ class Instance:
         # The worker was killed for an ack timeout and its exit is not seen
         # yet: the same hang is not charged again meanwhile.
         self._killed_for_timeout = False
+        # Between the stop and the start of restart(): stopped, but wanted
+        # and about to start.
+        self._restarting = False
 
     @property
     def name(self) -> str:
@@ -124,6 +144,7 @@ class Instance:
         if self.state in ALIVE:
             return
         self._cancel_backoff()
+        self.wanted = True
         self.change_state(S.STARTING)
         self.started_at = time.time()
         self.ready_at = None
@@ -138,7 +159,7 @@ class Instance:
             if self.state is S.STOPPING:  # stop() came during the launch
                 self.change_state(S.STOPPED)
             else:
-                self._after_exit(fast=True)
+                self._after_exit(self.last_exit, clean=False, ran=None)
             return
         self.process = process
         self.pid = process.pid
@@ -152,7 +173,7 @@ class Instance:
             # stop() came while the worker was being started, and found
             # nothing to ask: ask now, and press on as stop() does.
             self._ask_to_stop()
-            background(self.stop())
+            background(self._stop())
 
     # -- what the worker says ----------------------------------------------------
 
@@ -246,9 +267,6 @@ class Instance:
             self.pid = None
             self.change_state(S.STOPPED)
             return
-        timing = self.services.timing
-        ran = time.time() - (self.ready_at or time.time())
-        fast = self.ready_at is None or ran < timing.fast_failure_seconds
         log.error(
             "%s: exited unexpectedly (%s)%s",
             f"{self.name} (PID {process.pid})",
@@ -256,38 +274,62 @@ class Instance:
             " before it was ready" if self.ready_at is None else "",
         )
         self.pid = None
-        self._after_exit(fast=fast, clean=status == 0)
+        if self.ready_at is None:
+            ran = None
+            cause = f"{self.last_exit} before it was ready"
+        else:
+            ran = time.time() - self.ready_at
+            cause = f"{self.last_exit} after {_duration(ran)} running"
+        self._after_exit(cause, clean=status == 0 and ran is not None, ran=ran)
         # Only now, out of RUNNING: requeueing dispatches, and this instance
         # must not be handed messages for a process that is gone.
         self._requeue_inflight()
 
-    def _after_exit(self, fast: bool, clean: bool = False) -> None:
-        """Apply the restart policy after an unexpected exit."""
-        policy = str(self.config.restart)
-        if policy == "never" or (policy == "on-failure" and clean):
+    def _after_exit(self, cause: str, clean: bool, ran: float | None) -> None:
+        """Apply the restart policy after an unexpected exit or a failed launch.
+
+        ``cause`` says why the process ended (or never began); ``clean``: it
+        exited with status 0 after it was ready; ``ran``: how long it was
+        RUNNING (None: it never was).
+        """
+        self.exit_cause = cause
+        config = self.config
+        policy = config.restart
+        if policy is Restart.NEVER or (policy is Restart.ON_FAILURE and clean):
+            # A clean exit is the worker's own choice: it is not missed. A
+            # failure under "never" is: health keeps asking for it.
+            if clean:
+                self.wanted = False
             self.change_state(S.STOPPED, f"restart = {policy}")
             return
-        timing = self.services.timing
-        self.fast_failures = self.fast_failures + 1 if fast else 1
-        if self.fast_failures >= timing.max_fast_failures:
+        if ran is not None and ran >= config.backoff_reset:
+            self.failures = 0  # it ran long enough: not a failed start
+        else:
+            self.failures += 1
+        limit = config.start_retries
+        if limit is not None and self.failures > limit:
             log.error(
-                "%s: FATAL after %d fast failures in a row; `busctl start %s` "
-                "tries again",
+                "%s: FATAL after %s in a row (start_retries = %d); "
+                "`busctl start %s` tries again",
                 self.name,
-                self.fast_failures,
+                _failed_starts(self.failures),
+                limit,
                 self.name,
             )
-            self.change_state(S.FATAL, f"{self.fast_failures} fast failures")
+            self.change_state(S.FATAL, _failed_starts(self.failures))
             return
-        delay = min(
-            timing.backoff_cap, timing.backoff_first * 2 ** (self.fast_failures - 1)
+        delay = backoff_delay(
+            self.services.timing.backoff_first, config.backoff_max, self.failures
         )
-        self.change_state(S.BACKOFF, f"restarting in {delay:g} s")
+        self.retry_at = time.monotonic() + delay
+        series = f"failed start {self.failures} in a row, " if self.failures else ""
+        self.change_state(S.BACKOFF, f"{series}next try in {delay:g} s")
         loop = asyncio.get_running_loop()
         self._backoff = loop.call_later(delay, self._restart_after_backoff)
 
     def _restart_after_backoff(self) -> None:
         self._backoff = None
+        self.retry_at = None
         if self.state is S.BACKOFF:
             self.restarts += 1
             self.services.background(self._restart_if_still_waiting())
@@ -361,7 +403,26 @@ class Instance:
         The worker is asked first (a ``stop`` frame), so it can finish the
         message in hand; SIGTERM follows half-way through ``timeout``, and
         SIGKILL at its end. Unacknowledged messages go to other instances.
+        The instance is no longer wanted: it stays stopped.
         """
+        self.wanted = False
+        await self._stop(timeout)
+
+    async def restart(self) -> None:
+        """Stop the worker and start a new one, with a new series of failures.
+
+        The instance stays wanted throughout, and can run (``can_run``)
+        even while it is stopped between the two.
+        """
+        self._restarting = True
+        try:
+            await self._stop()
+        finally:
+            self._restarting = False
+        self.reset()
+        await self.start()
+
+    async def _stop(self, timeout: float | None = None) -> None:
         timeout = self.config.stop_timeout if timeout is None else timeout
         self._cancel_backoff()
         if self.state in WAITING:
@@ -430,10 +491,63 @@ class Instance:
                 self.process.send_signal(signum)
 
     def _cancel_backoff(self) -> None:
+        self.retry_at = None
         if self._backoff is not None:
             self._backoff.cancel()
             self._backoff = None
 
     def reset(self) -> None:
-        """Forget past fast failures (``busctl start`` after FATAL)."""
-        self.fast_failures = 0
+        """Forget past failed starts (``busctl start`` after FATAL)."""
+        self.failures = 0
+
+    # -- what health and publish --wait ask -----------------------------------------
+
+    def can_run(self) -> bool:
+        """Whether this instance runs, or will without an operator's help.
+
+        True while STARTING, RUNNING, in BACKOFF (a restart is due) and
+        during ``restart``; false once FATAL or STOPPED.
+        """
+        return self._restarting or self.state in _ON_ITS_WAY
+
+    def condition(self) -> str:
+        """Its state in a few words, for the health summary and refusals.
+
+        ``FATAL (5 failed starts)``, ``BACKOFF (2 failed starts)``,
+        ``STOPPED (exit status 1 before it was ready; restart = never)``.
+        """
+        state = self.state.name
+        if self.state in WAITING and self.failures:
+            return f"{state} ({_failed_starts(self.failures)})"
+        if self.state is S.STOPPED and self.wanted and self.exit_cause:
+            return f"{state} ({self.exit_cause}; restart = {self.config.restart})"
+        return state
+
+
+#: States in which an instance runs or is about to, with nobody's help.
+_ON_ITS_WAY = frozenset({S.STARTING, S.RUNNING, S.BACKOFF})
+
+
+def backoff_delay(first: float, cap: float, failures: int) -> float:
+    """The wait before the next start after ``failures`` failed starts in a row.
+
+    ``first`` for the first (and after a long run: ``failures`` 0), then
+    doubling, never over ``cap``. The exponent is bounded: a crash loop
+    that lasts for days would otherwise overflow a float.
+    """
+    return min(cap, first * 2.0 ** min(max(failures - 1, 0), 64))
+
+
+def _failed_starts(count: int) -> str:
+    return f"{count} failed start{'' if count == 1 else 's'}"
+
+
+def _duration(seconds: float) -> str:
+    """``0.4 s``, ``42 s``, ``12 min``, ``5 h``: how long a worker ran."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 600:
+        return f"{seconds:.0f} s"
+    if seconds < 36000:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.0f} h"

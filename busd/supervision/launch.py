@@ -85,6 +85,29 @@ class WorkerLauncher:
             argv += ["--handler", config.handler]
         else:
             argv += ["--exec", "--", *(config.command or ())]
+        env = self.environment(config, index)
+        cwd = self.cwd(config)
+        owner = None
+        if config.user != "" and os.geteuid() == 0:
+            who = identity_of(config.user, f"[brokers.{config.name}] user")
+            owner = (who.uid, who.gid, list(who.groups))
+        deadline = asyncio.get_running_loop().time() + LAUNCH_PATIENCE
+        while True:
+            spawner = await self.fork_servers.ready(deadline)
+            try:
+                return await spawner.spawn(argv, env, cwd, owner, name)
+            except ForkServerGone:
+                # ForkServers logs the death and starts the next; let the
+                # loop run first (the death is seen there), never spin here.
+                await asyncio.sleep(0)
+
+    def environment(self, config: BrokerConfig, index: int) -> dict[str, str]:
+        """The environment of instance ``index`` of ``config``'s broker.
+
+        busd's own, the broker's ``env`` over it, the worker's identity, and
+        a PYTHONPATH that finds busd's package (and, for a handler, the
+        broker's ``cwd`` first). ``busd check-config`` imports handlers in it.
+        """
         env = {
             **os.environ,
             **config.env,
@@ -102,16 +125,4 @@ class WorkerLauncher:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (*first, PACKAGE_ROOT, own) if p)
         if not config.handler:
             env[ORIGINAL_PYTHONPATH] = own
-        owner = None
-        if config.user != "" and os.geteuid() == 0:
-            who = identity_of(config.user, f"[brokers.{config.name}] user")
-            owner = (who.uid, who.gid, list(who.groups))
-        deadline = asyncio.get_running_loop().time() + LAUNCH_PATIENCE
-        while True:
-            spawner = await self.fork_servers.ready(deadline)
-            try:
-                return await spawner.spawn(argv, env, cwd, owner, name)
-            except ForkServerGone:
-                # ForkServers logs the death and starts the next; let the
-                # loop run first (the death is seen there), never spin here.
-                await asyncio.sleep(0)
+        return env

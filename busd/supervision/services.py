@@ -97,15 +97,16 @@ Settle = Callable[[str, Delivery, Outcome, str], None]
 
 
 class RestartTiming(NamedTuple):
-    """How fast-failing workers are restarted, then given up on."""
+    """busd's own part of the restart backoff; tests make it shorter.
 
-    #: A worker that dies sooner than this after "ready" failed *fast*.
-    fast_failure_seconds: float = 1.0
-    #: This many fast failures in a row give FATAL.
-    max_fast_failures: int = 5
-    #: The delay before the first restart; it doubles up to ``backoff_cap``.
+    The rest is each broker's: ``backoff_max`` (the cap), ``backoff_reset``
+    (how long a worker must run to start a new series of failures) and
+    ``start_retries`` (how many failed starts in a row before FATAL).
+    """
+
+    #: The delay before the first restart of a series; it doubles from here
+    #: at each failed start in a row, up to the broker's ``backoff_max``.
     backoff_first: float = 0.1
-    backoff_cap: float = 30.0
 
 
 class PoolServices(NamedTuple):
@@ -127,6 +128,6 @@ class PoolServices(NamedTuple):
     state_changed: Callable[[InstanceView, InstanceState, str], None]
     #: A line a worker wrote on stderr: (instance, pid, line).
     log_line: Callable[[InstanceView, int, str], None]
-    #: Waits until each instance is RUNNING, FATAL or STOPPED (or a timeout).
+    #: Waits until each instance is RUNNING or has failed (``states.SETTLED``).
     wait_settled: Callable[[list[InstanceView]], Awaitable[None]]
     timing: RestartTiming = RestartTiming()

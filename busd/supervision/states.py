@@ -11,7 +11,7 @@ move this table does not list::
          |                            \\             | exit      SIGKILL)
          |        backoff timer        V             V
          |   BACKOFF <------------- (exited unexpectedly: restart policy)
-         |      |   too many fast failures
+         |      |   more failed starts in a row than start_retries
          |      +---------------------------> FATAL   (busctl start resets)
          +--- restart policy says no, or stop() while in BACKOFF/FATAL
 """
@@ -44,9 +44,10 @@ ALLOWED: dict[InstanceState, frozenset[InstanceState]] = {
     S.FATAL: frozenset({S.STARTING, S.STOPPED}),
 }
 
-#: States an instance stays in until something happens to it: start,
-#: reload and the lifecycle ops wait for every instance to reach one.
-SETTLED = frozenset({S.RUNNING, S.FATAL, S.STOPPED})
+#: States that tell whether a start worked: RUNNING, or failed (BACKOFF:
+#: a retry is due, maybe for ever; FATAL; STOPPED). Start, reload and the
+#: lifecycle ops wait for every instance to reach one.
+SETTLED = frozenset({S.RUNNING, S.BACKOFF, S.FATAL, S.STOPPED})
 
 #: States with a worker process (or one on its way): start() does nothing.
 ALIVE = frozenset({S.STARTING, S.RUNNING, S.STOPPING})

@@ -233,7 +233,8 @@ class Supervisor(SimplePlugin):
     async def wait_settled(
         self, instances: Iterable[InstanceView], timeout: float = READY_WAIT
     ) -> None:
-        """Wait until each instance is RUNNING, FATAL or STOPPED, or ``timeout``."""
+        """Wait until each instance is RUNNING or has failed (BACKOFF, FATAL,
+        STOPPED: ``states.SETTLED``), or ``timeout``."""
         waited = list(instances)
         assert self._changed is not None
         async with self._changed:

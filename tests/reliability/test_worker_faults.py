@@ -54,7 +54,8 @@ def command_broker(name: str, command: list[str]) -> str:
         f"[brokers.{name}]\n"
         f"command = {json.dumps(command)}\n"
         'channels = ["floods"]\n'
-        "stop_timeout = 5\n\n"
+        "stop_timeout = 5\n"
+        "start_retries = 4\n\n"  # FATAL after 5 failed starts in a row
     )
 
 
@@ -90,7 +91,7 @@ def test_a_worker_flooding_its_protocol_pipe_is_killed_and_busd_keeps_serving(
             EXIT_DEADLINE,
             f"flood:0 to leave RUNNING after PID {killed} died",
         )
-        # Each start floods again; five fast failures in a row end in FATAL.
+        # Each start floods again; five failed starts in a row end in FATAL.
 
         def fatal() -> bool:
             ping(pinger)
