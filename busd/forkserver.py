@@ -16,22 +16,31 @@ the only argument): one msgpack map per packet, busd -> server::
     {"op": "spawn", "tag": T, "argv": [...], "env": {...}, "cwd": "/dir",
      "owner": [uid, gid, [groups]] or None, "name": "orders:0"}
                                               + 3 fds: stdin, stdout, stderr
-    {"op": "kill", "pid": P, "signal": S}
 
 and server -> busd::
 
-    {"op": "spawned", "tag": T, "pid": P}    or    ..., "error": "..."}
-    {"op": "exited", "pid": P, "status": S}  (as Popen.returncode: -N for signal N)
+    {"op": "spawned", "tag": T, "pid": P}  + 1 fd: a pidfd of the worker
+    {"op": "spawned", "tag": T, "error": "..."}
 
-A signal for a worker goes through the server so that it never reaches a
-PID that was already reaped and reused. ``become`` makes the server (and so
-every later worker) run with busd's own credentials and umask after busd
-dropped its privileges: a server left as root would undo that drop.
+**Workers are handed to busd at birth.** The server forks a short-lived
+middle process, which forks the worker, opens a pidfd for it (its own
+child: the PID cannot have been reused) and exits; busd is a child
+subreaper (busd/subreaper.py), so the kernel re-parents the worker to busd
+as the middle process ends. The server waits for that exit before it
+reports, so when busd reads "spawned" the worker is already its child:
+busd alone reaps it (``waitid`` on the pidfd) and signals it (the pidfd:
+no reused PID is ever hit). The server's own death therefore touches no
+worker, and it never reaps one. The worker waits for that adoption, then
+sets its parent-death signal against busd itself (busd.worker.main): a
+worker dies with busd, never with the fork server.
+
+``become`` makes the server (and so every later worker) run with busd's
+own credentials and umask after busd dropped its privileges: a server left
+as root would undo that drop.
 
 The server ends when busd closes its end of the socket (or dies: its end
-closes then too, and the parent-death signal is a second guard). Workers
-still running get their own parent-death signal, SIGTERM, when it ends.
-It ignores SIGINT, SIGTERM and SIGHUP: busd stops the workers first, in
+closes then too, and the parent-death signal is a second guard). It
+ignores SIGINT, SIGTERM and SIGHUP: busd stops the workers first, in
 order, and only then lets the server go.
 """
 
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     busd.worker.set_parent_death_signal(signal.SIGKILL)
     set_process_name("busd-forkserver")
     channel = socket.socket(fileno=int(arguments[0]))
-    status = ForkServer(channel).serve()
+    status = ForkServer(channel, os.getppid()).serve()
     # Nothing to tidy up, and busd waits for this exit on its way out.
     sys.stderr.flush()
     os._exit(status)
@@ -79,67 +88,47 @@ def main(argv: list[str] | None = None) -> int:
 class ForkServer:
     """Serves busd's requests on ``channel`` until busd closes it."""
 
-    def __init__(self, channel: socket.socket) -> None:
+    def __init__(self, channel: socket.socket, busd_pid: int) -> None:
         self.channel = channel
-        self.children: set[int] = set()
+        #: The process that adopts every worker (busd, a child subreaper).
+        self.busd_pid = busd_pid
         # sys.path without this process's own PYTHONPATH and directory: each
         # worker puts its own in front (run_worker).
         own = set(os.environ.get("PYTHONPATH", "").split(os.pathsep))
         self.base_path = [p for p in sys.path[1:] if p and p not in own]
-        self._wakeup_read, wakeup_write = os.pipe()
-        os.set_blocking(wakeup_write, False)
-        os.set_blocking(self._wakeup_read, False)
-        signal.set_wakeup_fd(wakeup_write)
-        # A handler, so that SIGCHLD is delivered and wakes select() up.
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     def serve(self) -> int:
-        """Answer requests and report exits; return once busd is gone."""
-        watched: list[socket.socket | int] = [self.channel, self._wakeup_read]
+        """Answer requests; return once busd is gone."""
         while True:
-            readable, _, _ = select.select(watched, [], [])
-            if self._wakeup_read in readable:
-                while True:
-                    try:
-                        if not os.read(self._wakeup_read, 512):
-                            break
-                    except BlockingIOError:
-                        break
-                self.reap()
-            if self.channel in readable:
-                try:
-                    data, fds, _, _ = socket.recv_fds(self.channel, MAX_REQUEST, 3)
-                except ConnectionError:
-                    data, fds = b"", []
-                if not data:
-                    return 0  # busd closed its end: it is done, or gone
-                try:
-                    self.handle(msgpack.unpackb(data), fds)
-                except Exception:
-                    # One bad request must not end the server: every worker
-                    # would die with it.
-                    print("busd fork server: request failed:", file=sys.stderr)
-                    traceback.print_exc()
-                finally:
-                    for fd in fds:
-                        os.close(fd)
+            try:
+                data, fds, _, _ = socket.recv_fds(self.channel, MAX_REQUEST, 3)
+            except ConnectionError:
+                data, fds = b"", []
+            if not data:
+                return 0  # busd closed its end: it is done, or gone
+            try:
+                self.handle(msgpack.unpackb(data), fds)
+            except Exception:
+                # One bad request must not end the server.
+                print("busd fork server: request failed:", file=sys.stderr)
+                traceback.print_exc()
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def handle(self, request: dict[str, Any], fds: list[int]) -> None:
         """Carry out one request from busd."""
         op = request.get("op")
         if op == "spawn":
             try:
-                pid = self.fork(request, fds)
+                pid, pidfd = self.fork(request, fds)
             except OSError as error:
                 self.send({"op": "spawned", "tag": request["tag"], "error": str(error)})
                 return
-            self.children.add(pid)
-            self.send({"op": "spawned", "tag": request["tag"], "pid": pid})
-        elif op == "kill":
-            # Only a child not reaped yet: its PID is still its own.
-            if request["pid"] in self.children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(request["pid"], request["signal"])
+            try:
+                self.send({"op": "spawned", "tag": request["tag"], "pid": pid}, [pidfd])
+            finally:
+                os.close(pidfd)
         elif op == "become":
             try:
                 become(request["uid"], request["gid"], request["groups"])
@@ -154,16 +143,61 @@ class ForkServer:
         else:
             print(f"busd fork server: unknown request {op!r}", file=sys.stderr)
 
-    def fork(self, request: dict[str, Any], fds: list[int]) -> int:
-        """Fork one worker; in the child, run it and never come back here."""
-        server = os.getpid()
+    def fork(self, request: dict[str, Any], fds: list[int]) -> tuple[int, int]:
+        """Fork one worker through a middle process; its PID and a pidfd.
+
+        Returns once the middle process has exited, so the worker is busd's
+        child by then (module docstring). Raises OSError if no worker came.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         sys.stderr.flush()
-        pid = os.fork()
-        if pid:
-            return pid
+        try:
+            middle = os.fork()
+            if not middle:
+                ours.close()
+                self._middle(request, fds, theirs)  # never returns
+            theirs.close()
+            _, wait_status = os.waitpid(middle, 0)
+            try:
+                data, pidfds, _, _ = socket.recv_fds(ours, 64, 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data, pidfds = b"", []
+        finally:
+            ours.close()
+            with contextlib.suppress(OSError):
+                theirs.close()
+        if not data or len(pidfds) != 1:
+            for fd in pidfds:
+                os.close(fd)
+            status = os.waitstatus_to_exitcode(wait_status)
+            raise OSError(f"the worker could not be forked (status {status})")
+        return int(data), pidfds[0]
+
+    def _middle(
+        self, request: dict[str, Any], fds: list[int], report: socket.socket
+    ) -> None:
+        """In the middle process: fork the worker, report it, exit."""
         status = 1
         try:
-            status = run_worker(request, fds, server, self.base_path)
+            middle = os.getpid()
+            worker = os.fork()
+            if not worker:
+                report.close()
+                self._worker(request, fds, middle)  # never returns
+            pidfd = os.pidfd_open(worker)
+            socket.send_fds(report, [str(worker).encode()], [pidfd])
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+
+    def _worker(self, request: dict[str, Any], fds: list[int], middle: int) -> None:
+        """In the worker: run it, and never come back here."""
+        status = 1
+        try:
+            await_adoption(middle)
+            status = run_worker(request, fds, self.busd_pid, self.base_path)
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1
         except BaseException:
@@ -171,23 +205,10 @@ class ForkServer:
         finally:
             os._exit(status)
 
-    def reap(self) -> None:
-        """Collect every child that exited and tell busd its status."""
-        while self.children:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
-            status = os.waitstatus_to_exitcode(wait_status)
-            self.send({"op": "exited", "pid": pid, "status": status})
-
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         """One packet to busd (nothing if busd is gone: serve() ends next)."""
         with contextlib.suppress(OSError):
-            self.channel.send(msgpack.packb(message))
+            socket.send_fds(self.channel, [msgpack.packb(message)], fds or [])
 
 
 def set_process_name(name: str) -> None:
@@ -213,16 +234,41 @@ def set_credentials(uid: int, gid: int, groups: list[int]) -> None:
     os.setuid(uid)
 
 
+def await_adoption(middle: int) -> None:
+    """Wait until ``middle``, this process's parent, is gone.
+
+    The middle process exits at once; the kernel re-parents this process
+    (to busd, a child subreaper) before that exit is visible on a pidfd.
+    Whoever the new parent is, the parent-death check in busd.worker.main
+    then ends this process unless it is busd.
+    """
+    if os.getppid() != middle:
+        return  # re-parented already
+    try:
+        pidfd = os.pidfd_open(middle)
+    except ProcessLookupError:
+        return  # gone already: re-parented
+    try:
+        # Still the parent after the pidfd was opened: the pidfd is the
+        # middle process's, not a reused PID's.
+        if os.getppid() == middle:
+            select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+
+
 def run_worker(
-    request: dict[str, Any], fds: list[int], server: int, base_path: list[str]
+    request: dict[str, Any], fds: list[int], busd_pid: int, base_path: list[str]
 ) -> int:
     """In a freshly forked child: become the worker and run it.
 
     Sets up what ``subprocess`` would for ``python -m busd.worker``: the
     three pipes as stdio and no other file open, a session of its own, the
     broker's user, directory and environment, then ``sys.path`` as the
-    interpreter builds it (the directory, then PYTHONPATH). The parent-death
-    signal is set against this server.
+    interpreter builds it (the directory, then PYTHONPATH). It is busd's
+    child by now (``await_adoption``); the parent-death signal is set
+    against busd (``busd.worker.main``), which ends it if busd is not its
+    parent.
     """
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -248,7 +294,7 @@ def run_worker(
     entries = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [cwd, *entries, *base_path]
     sys.argv = [busd.worker.__file__, *request["argv"]]
-    status = busd.worker.main(request["argv"], parent=server)
+    status = busd.worker.main(request["argv"], parent=busd_pid)
     # What the interpreter does at its end, since os._exit() skips it.
     # Private, and so not in typeshed; multiprocessing calls it the same way.
     threading._shutdown()  # type: ignore[attr-defined]

@@ -94,6 +94,8 @@ class Report:
             "gid": os.getgid(),
             "process": usage,
             "fork_server": self.launcher.fork_server_pid(),
+            # Its restarts, last death and next start (busctl state --json).
+            "fork_server_health": self.launcher.fork_server_state(),
             "clients": self.clients(),
             "published": self.router.published,
             "unrouted": self.router.unrouted,

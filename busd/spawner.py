@@ -6,11 +6,14 @@ in a few ms instead of an interpreter start later. ``Spawner.launch()``
 starts it; ``busd run`` does so before its own imports, so that both
 interpreters start at the same time. Everything else here runs on busd's
 I/O loop: ``spawn()`` hands the server three pipe ends and gets a
-:class:`WorkerProcess` back, whose exit status the server reports.
+:class:`WorkerProcess` back: the worker's PID and a pidfd for it.
 
-If the server dies, its workers die too (their parent-death signal):
-their instances see an exit of unknown status, and the next ``spawn()``
-starts a new server.
+A worker is busd's own child from the moment busd hears of it (the server
+hands it over, busd/forkserver.py): busd signals it through its pidfd and
+reaps it with ``waitid`` on that pidfd; the server never does either. If
+the server dies, no worker notices: the spawns it had not answered fail
+with :class:`ForkServerGone` (to be tried again on a new server, see
+busd/supervision/forkservers.py), and ``on_lost`` hears of its exit.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import busd
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
     from typing import Any
 
 log = logging.getLogger("busd.broker")
@@ -83,26 +87,46 @@ class SpawnError(OSError):
     """The fork server could not start a worker (or is gone)."""
 
 
-class WorkerProcess:
-    """A worker forked by the fork server: its pipes, its exit, its signals.
+class ForkServerGone(SpawnError):
+    """The fork server died before it answered: try on a new one."""
 
-    The same few parts ``asyncio.subprocess.Process`` offers, for a process
-    that is not busd's own child.
+
+def exit_code(result: os.waitid_result) -> int:
+    """A ``waitid`` result as ``Popen.returncode``: -N for signal N."""
+    if result.si_code == os.CLD_EXITED:
+        return result.si_status
+    return -result.si_status
+
+
+class WorkerProcess:
+    """A worker forked by the fork server and adopted by busd.
+
+    The same few parts ``asyncio.subprocess.Process`` offers. busd holds a
+    pidfd for it: signals go through it (never to a reused PID), and its
+    exit is read on the loop with ``waitid`` on it, busd being its parent.
     """
 
-    def __init__(self, spawner: Spawner, pid: int) -> None:
-        self.spawner = spawner
+    def __init__(
+        self,
+        pid: int,
+        pidfd: int,
+        loop: asyncio.AbstractEventLoop,
+        registry: dict[int, WorkerProcess],
+    ) -> None:
         self.pid = pid
         #: The exit status as ``Popen.returncode`` (-N: signal N) once it
-        #: exited; it stays None when the fork server died first.
+        #: exited; it stays None if busd could not collect it.
         self.returncode: int | None = None
         self.stdin: asyncio.WriteTransport | None = None
         self.stderr: asyncio.StreamReader | None = None
         #: Our ends of its stdin, stdout and stderr until connect().
         self.pipes: tuple[int, int, int] | None = None
-        self._exit: asyncio.Future[int | None] = (
-            spawner.loop_for_workers().create_future()
-        )
+        self._pidfd: int | None = pidfd
+        self._loop = loop
+        self._registry = registry
+        self._exit: asyncio.Future[int | None] = loop.create_future()
+        registry[pid] = self
+        loop.add_reader(pidfd, self._collect)
 
     async def connect(self, stdout: asyncio.Protocol, stderr_limit: int) -> None:
         """Start reading its stdout (with ``stdout``) and stderr, and writing
@@ -129,16 +153,32 @@ class WorkerProcess:
         self.stderr = reader
 
     async def wait(self) -> int | None:
-        """The exit status (None: unknown, the fork server died first)."""
+        """The exit status (None: unknown, it was not busd's to collect)."""
         return await self._exit
 
     def send_signal(self, signum: int) -> None:
-        """Signal the worker, unless it exited already."""
-        if not self._exit.done():
-            self.spawner.kill(self.pid, signum)
+        """Signal the worker, unless busd reaped it already."""
+        if self._pidfd is not None:
+            # ProcessLookupError: exited; its exit is being collected.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
 
-    def exited(self, status: int | None) -> None:
-        """The fork server reported the exit (or is gone: None)."""
+    def _collect(self) -> None:
+        """Its pidfd is readable: it exited; reap it (on the loop)."""
+        assert self._pidfd is not None
+        try:
+            result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            # Not busd's child: busd was no subreaper when it was forked.
+            status = None
+        else:
+            if result is None:
+                return  # not a zombie yet
+            status = exit_code(result)
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        self._registry.pop(self.pid, None)
         self.returncode = status
         if not self._exit.done():
             self._exit.set_result(status)
@@ -157,13 +197,20 @@ class Spawner:
         self.channel = channel
         #: The orphan mark its workers carry: busd's socket path.
         self.mark = mark
+        #: True once the channel is closed: no more spawns here.
         self.gone = False
         #: Whether it took busd's credentials yet (``become``).
         self.became = False
+        #: Its exit status once busd collected it.
+        self.returncode: int | None = None
+        #: Whether busd collected its exit (after it died, or wait_closed).
+        self.reaped = False
+        self._pidfd: int | None = _pidfd_of(process.pid)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_lost: Callable[[Spawner], None] | None = None
+        self._workers: dict[int, WorkerProcess] = {}
         self._tags = itertools.count(1)
         self._spawning: dict[int, asyncio.Future[WorkerProcess]] = {}
-        self._processes: dict[int, WorkerProcess] = {}
 
     @classmethod
     def launch(cls, env: dict[str, str]) -> Spawner:
@@ -196,6 +243,11 @@ class Spawner:
         """The fork server's PID."""
         return self.process.pid
 
+    @property
+    def spawning(self) -> int:
+        """How many spawns it has not answered yet."""
+        return len(self._spawning)
+
     def become(self, uid: int, gid: int, groups: list[int], umask: int) -> None:
         """Have the server (and its later workers) take these credentials."""
         self._send(
@@ -208,16 +260,24 @@ class Spawner:
 
     # -- on the I/O loop -------------------------------------------------------
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the server's reports on ``loop`` from now on."""
+    def attach(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_lost: Callable[[Spawner], None] | None = None,
+        workers: dict[int, WorkerProcess] | None = None,
+    ) -> None:
+        """Read the server's answers on ``loop`` from now on.
+
+        ``on_lost(spawner)`` is called on the loop once the server died and
+        was reaped (not after ``close()``); ``workers`` is where each live
+        worker is registered by PID, shared by every server of one busd.
+        """
         if self._loop is None:
             self._loop = loop
+            self._on_lost = on_lost
+            if workers is not None:
+                self._workers = workers
             loop.add_reader(self.channel, self._read)
-
-    def loop_for_workers(self) -> asyncio.AbstractEventLoop:
-        """The loop the server's reports are read on."""
-        assert self._loop is not None, "attach() the spawner to a loop first"
-        return self._loop
 
     async def spawn(
         self,
@@ -232,12 +292,13 @@ class Spawner:
         It runs in ``cwd`` with exactly ``env``, as ``owner`` (uid, gid,
         groups) if given, named ``name`` in ``ps -o comm``. Its pipes are
         open but not read yet: see :meth:`WorkerProcess.connect`. Raises
-        SpawnError if the server cannot fork it or is gone.
+        ForkServerGone if the server is gone (or dies before answering),
+        SpawnError if it cannot fork the worker.
         """
         import asyncio
 
         if self.gone:
-            raise SpawnError("the fork server is gone")
+            raise ForkServerGone("the fork server is gone")
         loop = asyncio.get_running_loop()
         self.attach(loop)
         stdin_read, stdin_write = os.pipe()
@@ -255,7 +316,10 @@ class Spawner:
             self._spawning.pop(tag, None)
             for fd in ours:
                 os.close(fd)
-            raise SpawnError(f"cannot reach the fork server: {error}") from None
+            # It is gone (its end closed): say so now, or the next spawn
+            # would try the same dead server before _read sees the EOF.
+            self._lost()
+            raise ForkServerGone(f"cannot reach the fork server: {error}") from None
         finally:
             for fd in (stdin_read, stdout_write, stderr_write):
                 os.close(fd)
@@ -268,74 +332,60 @@ class Spawner:
         process.pipes = ours
         return process
 
-    def kill(self, pid: int, signum: int) -> None:
-        """Signal worker ``pid`` through the server (directly if it is gone)."""
-        if self.gone:
-            # Its workers had their parent-death signal; this is for one
-            # that ignores it (its pipes are still open, so it is alive).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-            return
-        # If it is gone, _read sees that and ends everything.
-        with contextlib.suppress(OSError):
-            self._send({"op": "kill", "pid": pid, "signal": int(signum)})
-
     def _read(self) -> None:
         try:
-            data = self.channel.recv(MAX_MESSAGE)
+            data, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, 1)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
             self._lost()
             return
         report = msgpack.unpackb(data)
-        op = report.get("op")
-        if op == "spawned":
-            answer = self._spawning.pop(report["tag"], None)
-            if "error" in report:
-                if answer is not None and not answer.done():
-                    answer.set_exception(SpawnError(report["error"]))
-                return
-            process = WorkerProcess(self, report["pid"])
-            self._processes[process.pid] = process
+        answer = self._spawning.pop(report.get("tag"), None)
+        if report.get("op") != "spawned" or "error" in report or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
             if answer is not None and not answer.done():
-                answer.set_result(process)
-            else:  # the spawn was cancelled: nobody will run this worker
-                self.kill(process.pid, signal.SIGKILL)
-        elif op == "exited":
-            exited = self._processes.pop(report["pid"], None)
-            if exited is not None:
-                exited.exited(report["status"])
+                error = report.get("error", f"unexpected answer {report!r}")
+                answer.set_exception(SpawnError(error))
+            return
+        assert self._loop is not None
+        process = WorkerProcess(report["pid"], fds[0], self._loop, self._workers)
+        if answer is not None and not answer.done():
+            answer.set_result(process)
+        else:  # the spawn was cancelled: nobody will run this worker
+            process.send_signal(signal.SIGKILL)
 
     def _lost(self) -> None:
-        """The server is gone: every worker's exit is unknown from here."""
+        """The server closed its end: it died. Its workers live on."""
         if self.gone:
             return
-        self.close()
-        status = self.process.poll()
-        log.error(
-            "The fork server (PID %d) is gone%s; its %d workers end with it",
-            self.process.pid,
-            "" if status is None else f" ({status})",
-            len(self._processes),
-        )
-        for answer in self._spawning.values():
-            if not answer.done():
-                answer.set_exception(SpawnError("the fork server is gone"))
-        self._spawning.clear()
-        for process in self._processes.values():
-            process.exited(None)
-        self._processes.clear()
-        if status is None and self._loop is not None:
-            # Collect it off the loop: it may take a moment to be gone.
-            self._loop.run_in_executor(None, self.process.wait)
+        self.close("the fork server died")
+        if self._pidfd is not None and self._loop is not None:
+            # Its exit status, once it is fully gone (a moment after EOF).
+            self._loop.add_reader(self._pidfd, self._reaped)
+        else:
+            self._reaped()
 
-    def close(self) -> None:
-        """Let the server go (its workers should be stopped by now).
+    def _reaped(self) -> None:
+        """The server's process exited: collect it, tell ``on_lost``."""
+        if self._pidfd is not None and self._loop is not None:
+            self._loop.remove_reader(self._pidfd)
+        self.returncode = self.process.poll()
+        if self.returncode is None:
+            return  # readable, yet not collectable: wait_closed() ends it
+        self.reaped = True
+        self._close_pidfd()
+        if self._on_lost is not None:
+            self._on_lost(self)
 
-        On the I/O loop once it read from the server; see ``wait_closed``.
+    def close(self, why: str = "busd let the fork server go") -> None:
+        """Let the server go (it ends once its end reads EOF).
+
+        A spawn it has not answered fails with ForkServerGone(``why``). On
+        the I/O loop once it read from the server; see ``wait_closed``.
         """
         if self.gone:
             return
@@ -343,20 +393,23 @@ class Spawner:
         if self._loop is not None:
             self._loop.remove_reader(self.channel)
         self.channel.close()
+        for answer in self._spawning.values():
+            if not answer.done():
+                answer.set_exception(ForkServerGone(why))
+        self._spawning.clear()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
     def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
         """Wait until the server has exited (it does once ``close``d)."""
         # A pidfd wakes us the moment it exits; Popen.wait(timeout) would
         # poll with sleeps of up to 50 ms, on busd's path to exit.
-        try:
-            pidfd = os.pidfd_open(self.process.pid)
-        except (AttributeError, OSError):
-            pidfd = None  # gone and reaped already, or an old kernel
-        if pidfd is not None:
-            try:
-                select.select([pidfd], [], [], timeout)
-            finally:
-                os.close(pidfd)
+        pidfd = self._pidfd
+        if pidfd is not None and self.process.poll() is None:
+            select.select([pidfd], [], [], timeout)
         if self.process.poll() is None:
             try:
                 self.process.wait(0 if pidfd is not None else timeout)
@@ -366,3 +419,15 @@ class Spawner:
                 )
                 self.process.kill()
                 self.process.wait()
+        self.returncode = self.process.returncode
+        self.reaped = True
+        if self._loop is None or not self._loop.is_running():
+            self._close_pidfd()
+
+
+def _pidfd_of(pid: int) -> int | None:
+    """A pidfd for ``pid`` (our unreaped child), or None on an old kernel."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None

@@ -18,8 +18,11 @@ in a freshly forked child, which saves the interpreter start:
   parent-death signal is set, then the program replaces this process and
   speaks the broker protocol itself (docs/broker-protocol.md).
 
-Either way the process dies with its parent, the fork server, which dies
-with busd (``PR_SET_PDEATHSIG``), so no worker outlives busd. The frames
+Either way the process dies with busd: forked by busd's fork server, it
+is busd's own child (busd/forkserver.py) when :func:`main` sets its
+parent-death signal (``PR_SET_PDEATHSIG``, SIGTERM) against busd, which
+the exec keeps. So no worker outlives busd, and none dies with the fork
+server. The frames
 travel on stdin (busd -> worker) and stdout (worker -> busd); stderr is the
 worker's log. In a Python worker, ``print`` and anything else written to
 ``sys.stdout`` goes to stderr, so it cannot corrupt the protocol.
@@ -122,8 +125,9 @@ def set_parent_death_signal(
 ) -> None:
     """Have the kernel send ``signum`` to this process when its parent dies.
 
-    The parent is busd, or busd's fork server (``parent``, its PID). If it
-    died before this call, the signal will never come: exit now.
+    The parent must be ``parent`` (busd's PID; by default ``$BUSD_PID``).
+    If it is not, busd died before this call and the signal will never
+    come: exit now.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
@@ -318,8 +322,8 @@ def parse_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str] | N
 def main(argv: list[str] | None = None, parent: int | None = None) -> int:
     """Entry point of ``python -m busd.worker``.
 
-    ``parent`` is the PID of the fork server when it forked this worker
-    (busd/forkserver.py); by default the parent is busd (``BUSD_PID``).
+    ``parent`` is busd's PID, the parent this process dies with (by default
+    ``$BUSD_PID``); the fork server passes it (busd/forkserver.py).
     """
     arguments = sys.argv[1:] if argv is None else list(argv)
     try:

@@ -115,7 +115,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.auto_exit = auto_exit
         self.ignore = set(ignore)
-        #: What wait() returns: the status, or None (the fork server died).
+        #: What wait() returns: the status, or None (unknown: not busd's child).
         self._exit: asyncio.Future[int | None] = (
             asyncio.get_running_loop().create_future()
         )

@@ -87,7 +87,7 @@ class RunningDaemon:
         return Client(self.socket, timeout=timeout)
 
     def fork_server_pid(self) -> int:
-        """The PID of busd's fork server: its child, the workers' parent."""
+        """The PID of busd's fork server: its child, which forks the workers."""
         with self.client() as client:
             pid = client.call("state")["fork_server"]
         assert psutil.Process(pid).ppid() == self.pid
@@ -439,8 +439,10 @@ def instance_pids(daemon: RunningDaemon) -> dict[int, int]:
 
 
 def assert_worker_of(daemon: RunningDaemon, pid: int) -> None:
+    """``pid`` is a running worker: forked by the fork server, busd's child."""
     process = psutil.Process(pid)
-    assert process.is_running() and process.ppid() == daemon.fork_server_pid()
+    assert process.is_running() and process.ppid() == daemon.pid
+    assert daemon.fork_server_pid() != pid
 
 
 def running_rows(table: str) -> dict[int, int]:

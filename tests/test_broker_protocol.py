@@ -227,8 +227,9 @@ def test_busd_gives_a_broker_its_environment_and_parent_death_signal(
         "BUSD_DAEMON": daemon.socket,
         "PROBE_VAR": "from the config",
         "pdeathsig": signal.SIGTERM,
-        # Forked by busd's fork server, whose death ends it (pdeathsig).
-        "ppid": daemon.fork_server_pid(),
+        # Forked by busd's fork server, then adopted by busd, whose death
+        # ends it (pdeathsig); the fork server's does not.
+        "ppid": daemon.pid,
         "pid": pid,
     }
     stop_and_check(daemon, [pid])

@@ -68,6 +68,10 @@ NOT_USER_FACING = {
     "give exactly one of --handler": "worker command line, written by busd",
     "--exec needs a program": "worker command line, written by busd",
     "needs a value": "worker command line, written by busd",
+    # ForkServerGone: WorkerLauncher catches it and tries the start again on
+    # the next fork server; the death itself is logged (documented).
+    "the fork server is gone": "ForkServerGone, retried by WorkerLauncher",
+    "cannot reach the fork server": "ForkServerGone, retried by WorkerLauncher",
     "--instance needs a number, got": "worker command line, written by busd",
     "python -m busd.worker: error:": "worker command line, written by busd",
     "unknown argument": "worker command line, written by busd",

@@ -255,9 +255,7 @@ class Instance:
         # Its last acks first: what it acknowledged is not delivered again.
         await stdout.closed
         self.last_exit = (
-            "exit status unknown: the fork server died"
-            if status is None
-            else describe_status(status)
+            "exit status unknown" if status is None else describe_status(status)
         )
         self.process = None
         self._exited.set()

@@ -3,12 +3,16 @@ and owner, and the fork server that forks it.
 
 ``WorkerLauncher`` is the ``launch`` of ``PoolServices``: called with a
 broker's config and an instance number, it asks the fork server
-(busd/spawner.py) for a worker and returns its ``WorkerProcess``.
+(busd/spawner.py) for a worker and returns its ``WorkerProcess``. A fork
+server that dies before it answers is no failure of the broker's: the
+same start is tried again on the next server (``ForkServers``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 from busd.config import BrokerConfig
 from busd.principals import identity_of
@@ -16,11 +20,14 @@ from busd.protocol import ORIGINAL_PYTHONPATH
 from busd.spawner import (
     ORPHAN_MARK,
     PACKAGE_ROOT,
+    ForkServerGone,
     Spawner,
     WorkerProcess,
-    current_umask,
-    server_environment,
 )
+from busd.supervision.forkservers import ForkServers
+
+#: How long one start waits for a working fork server before it fails.
+LAUNCH_PATIENCE = 30.0
 
 
 class WorkerLauncher:
@@ -37,41 +44,27 @@ class WorkerLauncher:
         """
         self.identity = identity
         self.base_dir = base_dir
-        self._spawner = spawner
+        self.fork_servers = ForkServers(identity, spawner)
 
     def spawner(self) -> Spawner:
-        """The fork server that starts the workers; started if need be.
-
-        ``busd run`` starts it before its own imports, to save time. Before
-        any worker, it takes busd's credentials and umask, which are final
-        once the privilege drop is done (this runs after it). If it died,
-        a new one is started here, with busd's credentials from the start.
-        """
-        if self._spawner is None or self._spawner.gone:
-            self._spawner = Spawner.launch(server_environment(self.identity))
-        if not self._spawner.became:
-            self._spawner.become(
-                os.getuid(), os.getgid(), os.getgroups(), current_umask()
-            )
-        return self._spawner
+        """The fork server that starts the workers; started if need be."""
+        return self.fork_servers.current()
 
     def fork_server_pid(self) -> int | None:
         """The fork server's PID while it runs (``busctl state``)."""
-        if self._spawner is None or self._spawner.gone:
-            return None
-        return self._spawner.pid
+        return self.fork_servers.pid()
+
+    def fork_server_state(self) -> dict[str, Any]:
+        """The fork server's PID, restarts, last death, next start."""
+        return self.fork_servers.state()
 
     def close(self) -> None:
         """Let the fork server go (on the I/O loop; its workers are stopped)."""
-        if self._spawner is not None:
-            self._spawner.close()
+        self.fork_servers.close()
 
     def wait_closed(self) -> None:
         """Wait until the fork server has exited (main thread, at stop)."""
-        if self._spawner is not None:
-            self._spawner.close()  # no-op if close() ran on the loop
-            self._spawner.wait_closed()
-            self._spawner = None
+        self.fork_servers.wait_closed()
 
     def cwd(self, config: BrokerConfig) -> str:
         """The broker's working directory; relative to the config file's."""
@@ -81,8 +74,10 @@ class WorkerLauncher:
     async def __call__(self, config: BrokerConfig, index: int) -> WorkerProcess:
         """Fork instance ``index`` of ``config``'s broker; return its process.
 
-        Raises OSError when the fork server cannot start it, ValueError when
-        the broker's ``user`` is unknown.
+        Raises OSError when the fork server cannot start it (or none runs
+        within ``LAUNCH_PATIENCE``), ValueError when the broker's ``user``
+        is unknown. A fork server that dies first is replaced, and the
+        start tried again: that is not this instance's failure.
         """
         name = f"{config.name}:{index}"
         argv = ["--broker", config.name, "--instance", str(index)]
@@ -91,11 +86,20 @@ class WorkerLauncher:
         else:
             argv += ["--exec", "--", *(config.command or ())]
         env = self.environment(config, index)
+        cwd = self.cwd(config)
         owner = None
         if config.user != "" and os.geteuid() == 0:
             who = identity_of(config.user, f"[brokers.{config.name}] user")
             owner = (who.uid, who.gid, list(who.groups))
-        return await self.spawner().spawn(argv, env, self.cwd(config), owner, name)
+        deadline = asyncio.get_running_loop().time() + LAUNCH_PATIENCE
+        while True:
+            spawner = await self.fork_servers.ready(deadline)
+            try:
+                return await spawner.spawn(argv, env, cwd, owner, name)
+            except ForkServerGone:
+                # ForkServers logs the death and starts the next; let the
+                # loop run first (the death is seen there), never spin here.
+                await asyncio.sleep(0)
 
     def environment(self, config: BrokerConfig, index: int) -> dict[str, str]:
         """The environment of instance ``index`` of ``config``'s broker.

@@ -173,8 +173,11 @@ class Supervisor(SimplePlugin):
     async def _stop_all(self) -> None:
         if self._ack_watch is not None:
             self._ack_watch.cancel()
-        await asyncio.gather(*(b.stop() for b in self.brokers.values()))
+        # First: the workers need no fork server (busd is their parent), and
+        # a start still waiting for one (during its back-off) fails now
+        # instead of holding the stop up.
         self.launcher.close()
+        await asyncio.gather(*(b.stop() for b in self.brokers.values()))
 
     async def _reconfigure(self, config: Config) -> None:
         new = dict(config.brokers)
