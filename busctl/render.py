@@ -33,11 +33,7 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
         f"     State: {state['state']} since {_duration(state.get('uptime', 0))}",
         *_health_line(state.get("health")),
         f"  Main PID: {state['pid']} (uid {state.get('uid')}, gid {state.get('gid')})"
-        + (
-            f"; fork server PID {state['fork_server']}"
-            if state.get("fork_server")
-            else ""
-        ),
+        + _fork_server_text(state),
         f"    Config: {state.get('config') or '(defaults)'}",
         f"    Memory: {_size(process.get('rss', 0))}   CPU: "
         f"{process.get('cpu_percent', 0):.1f}%   FDs: {process.get('fds', '?')}   "
@@ -52,6 +48,23 @@ def render_state(state: dict[str, Any], socket_path: str) -> str:
     else:
         lines.append("   Brokers: none configured")
     return "\n".join(lines)
+
+
+def _fork_server_text(state: dict[str, Any]) -> str:
+    """``; fork server PID N``, with its restarts once it has died."""
+    health = state.get("fork_server_health") or {}
+    restarts = health.get("restarts", 0)
+    last = f"last: {health['last_exit']}" if health.get("last_exit") else ""
+    if state.get("fork_server"):
+        text = f"; fork server PID {state['fork_server']}"
+        if restarts:
+            text += f" (restarted {restarts}x, {last})" if last else ""
+        return text
+    if health.get("next_start"):
+        # busd's clock is this host's: busctl talks over a Unix socket.
+        wait = max(0.0, health["next_start"] - time.time())
+        return f"; fork server restarting in {_seconds(wait)} ({last})"
+    return ""
 
 
 #: The most instances the ``Health:`` line names; the rows show them all.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import types
 from typing import Any
 
@@ -19,6 +20,7 @@ from busctl.render import render_state
 from busd.config import Restart
 from busd.report import Report
 from busd.supervision.broker import Broker
+from busd.supervision.forkservers import ForkServers
 from busd.supervision.states import InstanceState
 
 S = InstanceState
@@ -138,3 +140,30 @@ def test_the_health_line_names_four_instances_and_counts_the_rest() -> None:
         await broker.stop()
 
     run(scenario)
+
+
+def test_the_main_pid_line_says_how_the_fork_server_fares() -> None:
+    servers = ForkServers("/s")  # none started: its state is all there is
+
+    def main_pid_line(fork_server: int | None) -> str:
+        state = {
+            "state": "STARTED",
+            "pid": 1,
+            "fork_server": fork_server,
+            "fork_server_health": servers.state(),
+        }
+        [line] = [t for t in render_state(state, "/s").splitlines() if "Main PID" in t]
+        return line
+
+    assert main_pid_line(None) == "  Main PID: 1 (uid None, gid None)"
+    assert main_pid_line(42).endswith("; fork server PID 42")
+    servers.restarts, servers.last_exit = 2, "killed by SIGKILL after 3s"
+    assert main_pid_line(43).endswith(
+        "; fork server PID 43 (restarted 2x, last: killed by SIGKILL after 3s)"
+    )
+    servers.next_start = time.time() + 5
+    line = main_pid_line(None)
+    assert re.search(
+        r"; fork server restarting in [45]\.\ds \(last: killed by SIGKILL after 3s\)$",
+        line,
+    ), line
