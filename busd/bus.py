@@ -80,7 +80,9 @@ DEFAULT_CHANNELS = ("start", "stop", "exit", "graceful", "log", "main")
 
 # unsubscribe()'s "not subscribed": None could be a (bad) priority.
 _ABSENT = object()
-_by_priority = operator.itemgetter(1)
+# Of a (listener, (priority, sequence)) item of a channel's dict.
+_listener = operator.itemgetter(0)
+_sort_key = operator.itemgetter(1)
 
 # How often block() repeats the name of a thread it is still waiting for.
 THREAD_WAIT_REMINDER_SECONDS = 10.0
@@ -189,8 +191,6 @@ class Bus:
         # Keyed by channel names; publish(None) (wait() with no channel) looks
         # None up and finds nothing, as in CherryPy.
         self._ordered: dict[str | None, tuple[Callable[..., Any], ...] | None] = {}
-        # Only one thread sorts a channel at a time (see _sort).
-        self._lock = threading.RLock()
         # Re-entrant: a signal handler that changes state may interrupt the
         # main thread while it holds this lock inside wait().
         self._state_changed = threading.Condition(threading.RLock())
@@ -260,26 +260,23 @@ class Bus:
     def _sort(self, channel: str | None) -> tuple[Callable[..., Any], ...]:
         """Sort ``channel``'s listeners for dispatch, after a (un)subscribe.
 
-        Priority first, then subscription order. (Un)subscribe take no
-        lock: they change the channel's dict, then mark the channel
-        unsorted. A change made while this sorts a copy would be lost when
-        the stale tuple is stored over its mark, so the copy is compared
-        with the dict again *after* storing: a change before that
-        comparison is seen and sorted again; a change after it marks the
-        channel unsorted after the store. The lock only keeps two
-        publishers from sorting the same change twice.
+        Priority first, then subscription order. Nothing here or in
+        (un)subscribe takes a lock: they change the channel's dict, then
+        mark the channel unsorted. A change made while this sorts a copy
+        would be lost when the stale tuple is stored over its mark, so the
+        copy is compared with the dict again *after* storing: a change
+        before that comparison is seen and sorted again; a change after it
+        marks the channel unsorted after the store. Two threads sorting at
+        once both end on a tuple checked after they stored it.
         """
         priorities = self._priority.get(channel, {})  # type: ignore[arg-type]
-        with self._lock:
-            while True:
-                # list() of a dict's items runs no Python code: a consistent copy.
-                snapshot = list(priorities.items())
-                ordered = tuple(
-                    callback for callback, _ in sorted(snapshot, key=_by_priority)
-                )
-                self._ordered[channel] = ordered
-                if list(priorities.items()) == snapshot:
-                    return ordered
+        while True:
+            # list() of a dict's items runs no Python code: a consistent copy.
+            items = list(priorities.items())
+            ordered = tuple(map(_listener, sorted(items, key=_sort_key)))
+            self._ordered[channel] = ordered
+            if list(priorities.items()) == items:
+                return ordered
 
     # -- publishing --------------------------------------------------------
 
