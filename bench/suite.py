@@ -4,7 +4,8 @@ Sets up bench/.venv-peers (supervisor, circus, CherryPy, redis-py, py-spy,
 psutil from PyPI) and redis-server/redis-benchmark (Debian, ``apt-get``),
 then runs, each on its own:
 
-1. ``bus_publish.py``: ``Bus.publish`` against CherryPy's (in-process);
+1. ``bus_publish.py``: ``Bus.publish`` and subscribe + unsubscribe against
+   CherryPy's (in-process);
 2. ``control.py``: CLI wall time, control round trip, busd's idle RSS,
    against supervisord;
 3. ``throughput.py``: publish -> ack through busd against Redis PUBLISH;

@@ -24,8 +24,11 @@ failed".
 Where this differs from CherryPy on purpose (see docs/bus.md):
 
 - subscribe/unsubscribe from any thread while another publishes is safe:
-  each channel keeps an immutable, already-sorted tuple of listeners that
-  is swapped whole under a lock, so ``publish`` neither locks nor sorts;
+  ``publish`` walks an immutable, already-sorted tuple of the channel's
+  listeners, sorted again only by the first publish after a change, so it
+  neither locks nor sorts on an unchanged channel, and a (un)subscribe is
+  a couple of dict operations (``bus.listeners[channel]`` is a live,
+  read-only view of the channel's listeners rather than a set);
 - ``subscribe`` returns the callback, so it works as a plain decorator;
 - a failing ``stop`` listener no longer skips the ``exit`` listeners (the
   PID file is still removed) before the process ends with code 70;
@@ -48,7 +51,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
+import itertools
 import logging
+import operator
 import os
 import sys
 import threading
@@ -56,6 +61,7 @@ import time
 import traceback as _traceback
 import warnings
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 
 # typing costs every worker's start a few ms; annotations don't need it.
 TYPE_CHECKING = False
@@ -71,6 +77,12 @@ EX_SOFTWARE = 70
 
 DEFAULT_PRIORITY = 50
 DEFAULT_CHANNELS = ("start", "stop", "exit", "graceful", "log", "main")
+
+# unsubscribe()'s "not subscribed": None could be a (bad) priority.
+_ABSENT = object()
+# Of a (listener, (priority, sequence)) item of a channel's dict.
+_listener = operator.itemgetter(0)
+_sort_key = operator.itemgetter(1)
 
 # How often block() repeats the name of a thread it is still waiting for.
 THREAD_WAIT_REMINDER_SECONDS = 10.0
@@ -159,20 +171,26 @@ class Bus:
     def __init__(self) -> None:
         self.execv = False
         self.state = states.STOPPED
-        # ``listeners`` mirrors CherryPy's public dict of sets: plugins look
-        # up channel names in it. Dispatch uses ``_ordered`` instead: one
-        # immutable tuple per channel, sorted once, swapped whole under
-        # ``_lock`` so that publish never sees a half-made list.
-        self.listeners: dict[str, set[Callable[..., Any]]] = {
-            channel: set() for channel in DEFAULT_CHANNELS
+        # One record of the subscriptions: ``_priority[channel]`` maps each
+        # listener to its sort key, its priority then a sequence number
+        # (equal priorities run in subscription order). ``listeners`` mirrors
+        # CherryPy's public dict of sets with live read-only views of those
+        # dicts' keys, so the two never disagree. Dispatch reads ``_ordered``:
+        # per channel, an immutable tuple of its listeners already sorted, or
+        # None once a (un)subscribe changed the channel; the next publish
+        # sorts it again (see _sort). So a (un)subscribe is two or three dict
+        # operations, each atomic, with no lock; a publish on an unchanged
+        # channel neither locks nor sorts, and never sees a half-made list.
+        self._priority: dict[str, dict[Callable[..., Any], tuple[int, int]]] = {
+            channel: {} for channel in DEFAULT_CHANNELS
         }
-        self._priorities: dict[tuple[str, Callable[..., Any]], int] = {}
+        self._sequence = itertools.count()
+        self.listeners: dict[str, AbstractSet[Callable[..., Any]]] = {
+            channel: priorities.keys() for channel, priorities in self._priority.items()
+        }
         # Keyed by channel names; publish(None) (wait() with no channel) looks
         # None up and finds nothing, as in CherryPy.
-        self._ordered: dict[str | None, tuple[Callable[..., Any], ...]] = {}
-        self._entries: dict[str, tuple[tuple[int, int, Callable[..., Any]], ...]] = {}
-        self._sequence = 0
-        self._lock = threading.RLock()
+        self._ordered: dict[str | None, tuple[Callable[..., Any], ...] | None] = {}
         # Re-entrant: a signal handler that changes state may interrupt the
         # main thread while it holds this lock inside wait().
         self._state_changed = threading.Condition(threading.RLock())
@@ -219,30 +237,46 @@ class Bus:
 
         if priority is None:
             priority = getattr(callback, "priority", DEFAULT_PRIORITY)
-        with self._lock:
-            entries = [e for e in self._entries.get(channel, ()) if e[2] != callback]
-            self._sequence += 1
-            entries.append((priority, self._sequence, callback))
-            entries.sort(key=lambda entry: entry[:2])
-            self._store(channel, entries)
-            self.listeners.setdefault(channel, set()).add(callback)
-            self._priorities[(channel, callback)] = priority
+        priorities = self._priority.get(channel)
+        if priorities is None:
+            priorities = self._priority.setdefault(channel, {})
+            # Replaces an empty set that CherryPy-style code may have put
+            # there to declare the channel.
+            self.listeners[channel] = priorities.keys()
+        # One assignment: a publish sorting meanwhile sees the listener
+        # either before or after the change, never missing. A new sequence
+        # number puts a re-subscribed listener behind its equals.
+        priorities[callback] = (priority, next(self._sequence))
+        # After the change, never before: see _sort.
+        self._ordered[channel] = None
         return callback
 
     def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
         """Stop calling ``callback`` on ``channel`` (no error if it was not)."""
-        with self._lock:
-            entries = self._entries.get(channel, ())
-            kept = [e for e in entries if e[2] != callback]
-            if len(kept) == len(entries):
-                return
-            self._store(channel, kept)
-            self.listeners.get(channel, set()).discard(callback)
-            self._priorities.pop((channel, callback), None)
+        priorities = self._priority.get(channel)
+        if priorities is not None and priorities.pop(callback, _ABSENT) is not _ABSENT:
+            self._ordered[channel] = None
 
-    def _store(self, channel: str, entries: list[tuple[int, int, Any]]) -> None:
-        self._entries[channel] = tuple(entries)
-        self._ordered[channel] = tuple(entry[2] for entry in entries)
+    def _sort(self, channel: str | None) -> tuple[Callable[..., Any], ...]:
+        """Sort ``channel``'s listeners for dispatch, after a (un)subscribe.
+
+        Priority first, then subscription order. Nothing here or in
+        (un)subscribe takes a lock: they change the channel's dict, then
+        mark the channel unsorted. A change made while this sorts a copy
+        would be lost when the stale tuple is stored over its mark, so the
+        copy is compared with the dict again *after* storing: a change
+        before that comparison is seen and sorted again; a change after it
+        marks the channel unsorted after the store. Two threads sorting at
+        once both end on a tuple checked after they stored it.
+        """
+        priorities = self._priority.get(channel, {})  # type: ignore[arg-type]
+        while True:
+            # list() of a dict's items runs no Python code: a consistent copy.
+            items = list(priorities.items())
+            ordered = tuple(map(_listener, sorted(items, key=_sort_key)))
+            self._ordered[channel] = ordered
+            if list(priorities.items()) == items:
+                return ordered
 
     # -- publishing --------------------------------------------------------
 
@@ -254,7 +288,10 @@ class Bus:
         """
         callbacks = self._ordered.get(channel, ())
         if not callbacks:
-            return []
+            if callbacks is None:  # changed since the last publish
+                callbacks = self._sort(channel)
+            if not callbacks:
+                return []
         output = []
         failures: ChannelFailures | None = None
         for callback in callbacks:
@@ -280,6 +317,11 @@ class Bus:
                         level=logging.ERROR,
                         traceback=True,
                     )
+                # While starting, the first failure ends the start: no later
+                # start listener may act (bind, report ready) for a process
+                # that is about to exit.
+                if channel == "start" and self.state is states.STARTING:
+                    raise failures from None
         if failures:
             raise failures
         return output
@@ -317,7 +359,7 @@ class Bus:
         self._change_state(states.STARTING)
         self.log("Bus STARTING")
         try:
-            self._run_start_listeners()
+            self.publish("start")
             self._change_state(states.STARTED)
             self.log("Bus STARTED")
         except (KeyboardInterrupt, SystemExit):
@@ -331,23 +373,6 @@ class Bus:
             with contextlib.suppress(Exception):  # logged by the listeners' bus
                 self.exit()
             raise error
-
-    def _run_start_listeners(self) -> None:
-        """Like ``publish("start")``, but the first failure ends the start."""
-        failures = ChannelFailures()
-        for callback in self._ordered.get("start", ()):
-            try:
-                callback()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception:
-                failures.handle_exception()
-                self.log(
-                    f"Error in 'start' listener {callback!r}",
-                    level=logging.ERROR,
-                    traceback=True,
-                )
-                raise failures from None
 
     def stop(self) -> None:
         """Stop all services: publish ``stop``, then be STOPPED."""

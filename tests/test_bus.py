@@ -77,6 +77,25 @@ def test_resubscribe_changes_priority_without_duplicating():
     assert calls == ["b", "a"]
 
 
+def test_resubscribe_at_the_same_priority_moves_behind_its_equals():
+    bus = Bus()
+    calls = []
+
+    def a():
+        calls.append("a")
+
+    def b():
+        calls.append("b")
+
+    bus.subscribe("main", a)
+    bus.subscribe("main", b)
+    bus.publish("main")
+    bus.subscribe("main", a)
+    bus.publish("main")
+    assert calls == ["a", "b", "b", "a"]
+    assert len(bus.listeners["main"]) == 2
+
+
 def test_unsubscribe_and_unknown_channel():
     bus = Bus()
     results = []
@@ -186,3 +205,52 @@ def test_wait_accepts_several_states():
     bus = Bus()
     bus.wait([states.STOPPED, states.STARTED], interval=0.01)
     assert bus.state is states.STOPPED
+
+
+class FilteringBus(Bus):
+    """Code written for CherryPy filters a bus by overriding ``publish``."""
+
+    def __init__(self, dropped):
+        super().__init__()
+        self.dropped = dropped
+        self.seen = []
+
+    def publish(self, channel, *args, **kwargs):
+        self.seen.append(channel)
+        if channel in self.dropped:
+            return []
+        return super().publish(channel, *args, **kwargs)
+
+
+def test_a_publish_override_sees_and_can_filter_every_transition():
+    bus = FilteringBus(dropped={"start", "log"})
+    ran = []
+    for channel in ("start", "stop", "graceful", "exit"):
+        bus.subscribe(channel, lambda ch=channel: ran.append(ch))
+    bus.start()
+    bus.graceful()
+    bus.exit()
+    assert bus.state is states.EXITING
+    assert ran == ["graceful", "stop", "exit"]  # start filtered out
+    assert bus.seen == [
+        "log", "start", "log",
+        "log", "graceful",
+        "log", "stop", "log", "log", "exit", "log",
+    ]  # fmt: skip
+
+
+def test_publish_start_outside_start_runs_every_listener():
+    # Only start() ends at the first failing start listener; publishing on
+    # the start channel by hand keeps the ordinary rule (everyone runs).
+    bus = Bus()
+    record_log(bus)
+    ran = []
+
+    def bad():
+        raise ValueError("boom")
+
+    bus.subscribe("start", bad, priority=10)
+    bus.subscribe("start", lambda: ran.append("later"), priority=20)
+    with pytest.raises(ChannelFailures):
+        bus.publish("start")
+    assert ran == ["later"]

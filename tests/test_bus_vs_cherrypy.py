@@ -160,6 +160,51 @@ def test_default_channels_and_listeners_keys(impl):
     assert bus.publish("custom") == []
 
 
+def test_listeners_are_live_and_a_channel_declared_with_a_set_works():
+    # CherryPy's own code declares channels by putting an empty set in
+    # ``listeners`` (cherrypy/__init__.py, ThreadManager); busd keeps a live
+    # read-only view of each channel's listeners there instead of a set.
+    def scenario(api):
+        bus = api.Bus()
+        bus.listeners["before_request"] = set()
+        bus.listeners.setdefault("start_thread", set())
+        seen = []
+
+        def first():
+            return "first"
+
+        def second():
+            return "second"
+
+        bus.subscribe("before_request", second, priority=60)
+        view = bus.listeners["before_request"]
+        bus.subscribe("before_request", first)
+        seen.append((first in view, second in view, len(view)))
+        seen.append(bus.publish("before_request"))
+        bus.unsubscribe("before_request", second)
+        seen.append((second in view, len(view), view == {first}))
+        seen.append(bus.listeners.setdefault("start_thread", set()) == set())
+        seen.append(sorted(bus.listeners))
+        return seen
+
+    assert run_both(scenario) == [
+        (True, True, 2),
+        ["first", "second"],
+        (False, 1, True),
+        True,
+        [
+            "before_request",
+            "exit",
+            "graceful",
+            "log",
+            "main",
+            "start",
+            "start_thread",
+            "stop",
+        ],
+    ]
+
+
 # -- publish: order, results, arguments ---------------------------------------
 
 
@@ -728,6 +773,98 @@ def test_busd_publish_never_raises_while_others_subscribe_and_unsubscribe():
     assert bus.publish("custom") == list(range(20))
 
 
+def test_busd_subscribe_while_a_publish_sorts_is_not_lost():
+    # subscribe() takes no lock; the first publish after it sorts the
+    # channel. A subscribe that lands while that sort runs must not be
+    # overwritten by the sort's stale result. A priority whose comparison
+    # pauses holds the sort at exactly that point.
+    bus = busd_bus.Bus()
+    reached = threading.Event()
+    resume = threading.Event()
+    armed = [False]
+
+    class PausingPriority(int):
+        def __lt__(self, other: object) -> bool:
+            if armed[0]:
+                armed[0] = False
+                reached.set()
+                resume.wait(DEADLINE)
+            return int(self) < int(other)  # type: ignore[call-overload]
+
+    def a() -> str:
+        return "a"
+
+    bus.subscribe("custom", a, priority=PausingPriority(10))
+    bus.subscribe("custom", lambda: "b", priority=PausingPriority(20))
+    armed[0] = True
+    results: list[list[Any]] = []
+    publisher = threading.Thread(target=lambda: results.append(bus.publish("custom")))
+    publisher.start()
+    try:
+        assert reached.wait(DEADLINE)
+        bus.subscribe("custom", lambda: "new", priority=30)  # mid-sort
+        bus.unsubscribe("custom", a)
+    finally:
+        resume.set()
+        publisher.join(DEADLINE)
+    assert not publisher.is_alive()
+    # The publish in progress had not called anyone yet: it may run with or
+    # without the change; every publish after it runs with it.
+    assert results[0] in (["a", "b"], ["b", "new"])
+    assert bus.publish("custom") == ["b", "new"]
+
+
+def test_busd_concurrent_subscribe_unsubscribe_keep_one_consistent_record():
+    # Several threads subscribe, re-subscribe (new priority) and unsubscribe
+    # the same callbacks while another publishes. Afterwards dispatch and
+    # ``bus.listeners`` agree, with no duplicate and no ghost.
+    bus = busd_bus.Bus()
+    shared = [(lambda i=i: i) for i in range(8)]
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def publish_in_a_loop() -> None:
+        while not done.is_set():
+            try:
+                result = bus.publish("custom")
+            except BaseException as error:  # anything at all is a failure
+                errors.append(error)
+                return
+            if len(result) != len(set(result)):
+                errors.append(AssertionError(f"a listener ran twice: {result}"))
+                return
+
+    def churn(seed: int) -> None:
+        for round_ in range(300):
+            for index, callback in enumerate(shared):
+                step = (seed + round_ + index) % 3
+                if step == 2:
+                    bus.unsubscribe("custom", callback)
+                else:
+                    bus.subscribe("custom", callback, priority=(seed * round_) % 7)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often to provoke races
+    publisher = threading.Thread(target=publish_in_a_loop)
+    churners = [threading.Thread(target=churn, args=(seed,)) for seed in range(3)]
+    try:
+        publisher.start()
+        for thread in churners:
+            thread.start()
+        for thread in churners:
+            thread.join(DEADLINE * 3)
+    finally:
+        done.set()
+        publisher.join(DEADLINE)
+        sys.setswitchinterval(old_interval)
+    assert not any(thread.is_alive() for thread in [publisher, *churners])
+    assert errors == []
+    listed = {callback() for callback in bus.listeners["custom"]}
+    ran = bus.publish("custom")
+    assert len(ran) == len(set(ran)) == len(bus.listeners["custom"])
+    assert set(ran) == listed
+
+
 def test_busd_wait_wakes_on_the_state_change_not_the_next_tick():
     bus = busd_bus.Bus()
     starter = threading.Thread(target=bus.start)
@@ -770,7 +907,16 @@ def event(text):
     return lambda *args: emit("event", text)
 
 
-bus = Bus()
+class TracedBus(Bus):
+    """Code written for CherryPy traces or filters a bus by overriding
+    publish(): every transition must go through it."""
+
+    def publish(self, channel, *args, **kwargs):
+        emit("publish", channel)
+        return super().publish(channel, *args, **kwargs)
+
+
+bus = TracedBus() if scenario.startswith("traced") else Bus()
 bus.subscribe("log", lambda msg, level: emit("log", level, msg))
 
 
@@ -784,6 +930,30 @@ def fail(message):
 if scenario == "start_fails":
     bus.subscribe("start", fail("start failed"), priority=10)
     bus.subscribe("start", event("later start listener ran"), priority=20)
+    bus.subscribe("stop", event("stop listener ran"))
+    bus.subscribe("exit", event("exit listener ran"))
+    bus.start()
+    emit("event", "start returned")
+
+elif scenario == "traced":
+    bus.subscribe("start", event("start listener ran"))
+    bus.subscribe("graceful", event("graceful listener ran"))
+
+    def tick():
+        # The first main tick of block() runs the rest of the life.
+        bus.graceful()
+        bus.stop()
+        bus.start()
+        bus.exit()
+
+    bus.subscribe("main", tick)
+    bus.start()
+    bus.wait(bus.states.STARTED)  # already there: publishes nothing
+    bus.block(interval=0.02)
+    emit("event", "block returned")
+
+elif scenario == "traced_start_fails":
+    bus.subscribe("start", fail("start failed"))
     bus.subscribe("stop", event("stop listener ran"))
     bus.subscribe("exit", event("exit listener ran"))
     bus.start()
@@ -991,6 +1161,68 @@ def test_process_start_listener_fails_exit_status_70(child_script):
         log(20, "Bus EXITING"),
         ["event", "exit listener ran"],
         log(20, "Bus EXITED"),
+    ]  # fmt: skip
+
+
+def published(channel: str | None) -> list[Any]:
+    return ["publish", channel]
+
+
+def test_process_publish_override_sees_every_transition(child_script):
+    # A subclass overriding publish() (to trace or filter) sees each channel
+    # the bus publishes on: start as well as stop, graceful, exit, log, main.
+    results = run_children(child_script, "traced")
+    assert results["busd"] == results["cherrypy"]
+    returncode, events = results["busd"]
+    assert returncode == 0
+    started = [
+        published("log"), log(20, "Bus STARTING"),
+        published("start"), ["event", "start listener ran"],
+        published("log"), log(20, "Bus STARTED"),
+    ]  # fmt: skip
+    stopped = [
+        published("log"), log(20, "Bus STOPPING"),
+        published("stop"),
+        published("log"), log(20, "Bus STOPPED"),
+    ]  # fmt: skip
+    assert events == [
+        *started,
+        published("main"),
+        published("log"), log(20, "Bus graceful"),
+        published("graceful"), ["event", "graceful listener ran"],
+        *stopped,
+        *started,
+        *stopped,
+        published("log"), log(20, "Bus EXITING"),
+        published("exit"),
+        published("log"), log(20, "Bus EXITED"),
+        published("log"), log(20, "Waiting for child threads to terminate..."),
+        ["event", "block returned"],
+    ]  # fmt: skip
+
+
+def test_process_publish_override_sees_a_failed_start(child_script):
+    # The error path of start(): the failing start listener, the log lines
+    # about it, then the whole exit, all through publish().
+    results = run_children(child_script, "traced_start_fails")
+    assert results["busd"] == results["cherrypy"]
+    returncode, events = results["busd"]
+    assert returncode == 70
+    assert events == [
+        published("log"), log(20, "Bus STARTING"),
+        published("start"),
+        published("log"),
+        log(40, "Error in 'start' listener <function fail.<locals>.failing>"
+                " | ValueError: start failed"),
+        published("log"),
+        log(40, "Shutting down due to error in start listener:"
+                " | ChannelFailures: ValueError('start failed')"),
+        published("log"), log(20, "Bus STOPPING"),
+        published("stop"), ["event", "stop listener ran"],
+        published("log"), log(20, "Bus STOPPED"),
+        published("log"), log(20, "Bus EXITING"),
+        published("exit"), ["event", "exit listener ran"],
+        published("log"), log(20, "Bus EXITED"),
     ]  # fmt: skip
 
 
