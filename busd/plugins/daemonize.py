@@ -1,10 +1,24 @@
-"""Detach from the terminal the classic way, with python-daemon.
+"""Detach from the terminal the classic way: two forks and a new session.
 
+By default this does what ``cherrypy.process.plugins.Daemonizer`` does:
 ``start`` forks twice (the parent that the shell waits for exits with
-status 0 straight away), starts a new session, changes directory and
-umask, closes every file descriptor not named in ``files_preserve`` and
-points stdin/stdout/stderr at the given files. Everything after that,
-including the PID file (priority 70), runs in the daemon.
+status 0 straight away), starts a new session, sets the umask to 0 and
+points stdin/stdout/stderr at the given files. It neither changes
+directory nor closes any other descriptor: whatever the program opened
+before (a logging file handler, say) keeps its descriptor and goes on
+writing to its own file. Everything after that, including the PID file
+(priority 70), runs in the daemon.
+
+A daemon that must not hand descriptors on to the programs it runs (busd
+itself) asks for ``close_inherited=True``: the descriptors this process
+was *given* by its launcher are closed, those it opened itself stay. The
+two are told apart by the close-on-exec flag: Python opens everything
+non-inheritable (PEP 446), so an inheritable descriptor above 2 came
+through ``exec`` from the launcher, or was made inheritable on purpose
+(name those in ``files_preserve``). Closing every descriptor instead, as
+python-daemon's ``DaemonContext`` does, leaves the Python objects that
+hold them with dead numbers that the next ``open`` reuses, and their
+writes land in the wrong file (the PID file, typically).
 
 Only for running by hand or from a SysV-style script. Under systemd use
 ``Type=notify`` and run ``busd run`` in the foreground: systemd then knows
@@ -20,8 +34,6 @@ import sys
 import threading
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
-
-from daemon import DaemonContext
 
 from busd.bus import states
 from busd.plugins.base import SimplePlugin
@@ -45,16 +57,21 @@ class Daemonizer(SimplePlugin):
     """Turn the process into a daemon at ``start``.
 
     ``stdin``, ``stdout`` and ``stderr`` are paths (opened for reading, and
-    for appending). ``files_preserve`` lists descriptors or file objects
-    that must survive: every other descriptor is closed, including those of
-    Python objects opened earlier (a log file handler, say), whose later use
-    or ``close()`` would then hit a reused number. Signal handling
-    is left alone (python-daemon's ``signal_map`` is empty), so that the
-    SignalHandler plugin owns the signals.
+    for appending), as in CherryPy. The keywords are busd's, for a daemon
+    that wants more than CherryPy's defaults:
 
-    After ``start`` the calling process is the daemon; the original process
-    has exited with status 0. Its exit status therefore says only that the
-    first fork worked, not that the daemon started: wait for the PID file.
+    - ``working_directory``: change to it after detaching (None: stay);
+    - ``umask``: the daemon's umask (CherryPy's 0 by default);
+    - ``close_inherited``: close the inheritable descriptors above 2 (those
+      the launcher passed down), except those in ``files_preserve``
+      (descriptors or file objects). Descriptors this program opened
+      itself are never closed. Signal handling is left alone, so that the
+      SignalHandler plugin owns the signals.
+
+    ``finalized`` is True once this process is the daemon. After ``start``
+    the original process has exited with status 0: its exit status says
+    only that the first fork worked, not that the daemon started; wait for
+    the PID file.
     """
 
     def __init__(
@@ -63,8 +80,10 @@ class Daemonizer(SimplePlugin):
         stdin: str = "/dev/null",
         stdout: str = "/dev/null",
         stderr: str = "/dev/null",
-        working_directory: str = "/",
-        umask: int = 0o022,
+        *,
+        working_directory: str | None = None,
+        umask: int = 0,
+        close_inherited: bool = False,
         files_preserve: Iterable[int | IO[Any]] = (),
     ) -> None:
         super().__init__(bus)
@@ -73,12 +92,19 @@ class Daemonizer(SimplePlugin):
         self.stderr = stderr
         self.working_directory = working_directory
         self.umask = umask
+        self.close_inherited = close_inherited
         self.files_preserve = list(files_preserve)
-        self.daemonized = False
+        #: True once this process is the daemon (CherryPy's name).
+        self.finalized = False
+
+    @property
+    def daemonized(self) -> bool:
+        """The same as ``finalized``: this process is the daemon."""
+        return self.finalized
 
     def start(self) -> None:
         """Detach, unless that is unsafe or pointless (then raise RuntimeError)."""
-        if self.daemonized:
+        if self.finalized:
             self.bus.log("Already daemonized.", level=logging.DEBUG)
             return
         if self.bus.state is states.STARTED:
@@ -105,37 +131,66 @@ class Daemonizer(SimplePlugin):
                 level=logging.WARNING,
             )
         self._detach()
-        self.daemonized = True
+        self.finalized = True
         self.bus.log(f"Daemonized: PID {os.getpid()}, session {os.getsid(0)}.")
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
 
     def _detach(self) -> None:
-        # Paths are opened here, before the context changes directory, so
-        # that relative ones mean what the caller meant.
+        # Opened before any chdir, so that relative paths mean what the
+        # caller meant, and before forking, so that a bad path fails the
+        # start in the process the shell waits for.
         streams = [
-            open(self.stdin),  # noqa: SIM115 - kept open as the new fd 0
+            open(self.stdin),  # noqa: SIM115 - closed once copied onto 0
             open(self.stdout, "a+"),  # noqa: SIM115
             open(self.stderr, "a+"),  # noqa: SIM115
         ]
-        # Whatever sits in the stdio buffers was written by the launcher; flush
-        # it now, or the daemon would write it a second time after fork.
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        context = DaemonContext(
-            detach_process=True,
-            signal_map={},
-            working_directory=self.working_directory,
-            umask=self.umask,
-            files_preserve=list(self.files_preserve),
-            stdin=streams[0],
-            stdout=streams[1],
-            stderr=streams[2],
-        )
         try:
-            context.open()
+            # Whatever sits in the stdio buffers was written by the launcher;
+            # flush it now, or the daemon would write it a second time.
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+            _fork_and_leave_parent()
+            os.setsid()  # a new session, without a controlling terminal
+            _fork_and_leave_parent()  # not a session leader: no terminal ever
+            if self.working_directory is not None:
+                os.chdir(self.working_directory)
+            os.umask(self.umask)
+            for target, stream in enumerate(streams):
+                os.dup2(stream.fileno(), target)
+            if self.close_inherited:
+                _close_inherited(_descriptors(self.files_preserve))
         finally:
-            # dup2 copied them onto 0, 1 and 2; these extra descriptors can go.
             for stream in streams:
                 stream.close()
+
+
+def _fork_and_leave_parent() -> None:
+    """Fork; the parent ends at once with status 0, the child returns."""
+    if os.fork() > 0:
+        # No cleanup in the parent: atexit handlers and buffered files
+        # belong to the child now, which carries on as the program.
+        os._exit(0)
+
+
+def _descriptors(files: Iterable[int | IO[Any]]) -> set[int]:
+    return {file if isinstance(file, int) else file.fileno() for file in files}
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close the inheritable descriptors above 2 that are not in ``keep``.
+
+    Non-inheritable ones were opened by this program (Python's default),
+    and the objects holding them stay valid.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            inheritable = os.get_inheritable(fd)
+        except OSError:
+            continue  # the descriptor listdir itself used, now closed
+        if inheritable:
+            os.close(fd)
