@@ -327,3 +327,33 @@ def test_a_log_file_opened_before_daemonizing_keeps_its_own_file(
             if daemon_pid is not None and psutil.pid_exists(daemon_pid):
                 os.kill(daemon_pid, signal.SIGKILL)
                 reap(daemon_pid)
+
+
+def test_the_static_daemonize_detaches_without_a_bus(tmp_path: Path) -> None:
+    """CherryPy's ``Daemonizer.daemonize(stdin, stdout, stderr, logger)``."""
+    script = r"""
+import os, sys
+from busd.plugins.daemonize import Daemonizer
+
+Daemonizer.daemonize(stdout="out.log", stderr="out.log", logger=print)
+print(f"daemon {os.getpid()} {os.getsid(0)} {os.getcwd()}", flush=True)
+"""
+    with subreaper():
+        launcher = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=tmp_path,
+            env=clean_environment(),
+        )
+        assert launcher.returncode == 0, launcher.stderr
+        assert launcher.stdout == ""  # the rest is the daemon's
+        out = tmp_path / "out.log"
+        wait_for(lambda: out.exists() and out.read_text().count("\n") == 2)
+        logged, said = out.read_text().splitlines()
+        _, pid, session, cwd = said.split()
+        assert logged == f"Daemonized: PID {pid}, session {session}."
+        assert cwd == str(tmp_path)
+        assert reap(int(session)) == 0
+        assert reap(int(pid)) == 0

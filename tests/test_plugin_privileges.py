@@ -281,3 +281,12 @@ print(oct(os.umask(0)), os.getuid(), flush=True)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"0o27 {NOBODY.pw_uid}\n"
+
+
+def test_an_unknown_name_is_a_key_error_too_as_cherrypy_raises() -> None:
+    with pytest.raises(KeyError) as caught:
+        DropPrivileges(Bus(), uid="no-such-busd-user")
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value) == "unknown user 'no-such-busd-user'"
+    with pytest.raises(KeyError, match="unknown group 'no-such-busd-group'"):
+        DropPrivileges(Bus(), gid="no-such-busd-group")

@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any
 
 from busd.bus import states
@@ -137,33 +137,69 @@ class Daemonizer(SimplePlugin):
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
 
     def _detach(self) -> None:
-        # Opened before any chdir, so that relative paths mean what the
-        # caller meant, and before forking, so that a bad path fails the
-        # start in the process the shell waits for.
-        streams = [
-            open(self.stdin),  # noqa: SIM115 - closed once copied onto 0
-            open(self.stdout, "a+"),  # noqa: SIM115
-            open(self.stderr, "a+"),  # noqa: SIM115
-        ]
-        try:
-            # Whatever sits in the stdio buffers was written by the launcher;
-            # flush it now, or the daemon would write it a second time.
-            for stream in (sys.stdout, sys.stderr):
-                if stream is not None:
-                    stream.flush()
-            _fork_and_leave_parent()
-            os.setsid()  # a new session, without a controlling terminal
-            _fork_and_leave_parent()  # not a session leader: no terminal ever
-            if self.working_directory is not None:
-                os.chdir(self.working_directory)
-            os.umask(self.umask)
-            for target, stream in enumerate(streams):
-                os.dup2(stream.fileno(), target)
-            if self.close_inherited:
-                _close_inherited(_descriptors(self.files_preserve))
-        finally:
-            for stream in streams:
-                stream.close()
+        _detach(
+            (self.stdin, self.stdout, self.stderr),
+            working_directory=self.working_directory,
+            umask=self.umask,
+            close_inherited=self.close_inherited,
+            keep=_descriptors(self.files_preserve),
+        )
+
+    @staticmethod
+    def daemonize(
+        stdin: str = "/dev/null",
+        stdout: str = "/dev/null",
+        stderr: str = "/dev/null",
+        logger: Callable[[str], object] = lambda msg: None,
+    ) -> None:
+        """Detach now, with CherryPy's defaults, without a bus or its checks.
+
+        CherryPy's ``Daemonizer.daemonize``: the caller continues as the
+        daemon; ``logger`` is told the daemon's PID.
+        """
+        _detach((stdin, stdout, stderr))
+        logger(f"Daemonized: PID {os.getpid()}, session {os.getsid(0)}.")
+
+
+def _detach(
+    paths: tuple[str, str, str],
+    working_directory: str | None = None,
+    umask: int = 0,
+    close_inherited: bool = False,
+    keep: frozenset[int] = frozenset(),
+) -> None:
+    """Fork twice around a new session; the caller continues as the daemon.
+
+    ``paths`` become stdin (read) and stdout, stderr (append).
+    """
+    # Opened before any chdir, so that relative paths mean what the caller
+    # meant, and before forking, so that a bad path fails the start in the
+    # process the shell waits for.
+    stdin, stdout, stderr = paths
+    streams = [
+        open(stdin),  # noqa: SIM115 - closed once copied onto 0
+        open(stdout, "a+"),  # noqa: SIM115
+        open(stderr, "a+"),  # noqa: SIM115
+    ]
+    try:
+        # Whatever sits in the stdio buffers was written by the launcher;
+        # flush it now, or the daemon would write it a second time.
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        _fork_and_leave_parent()
+        os.setsid()  # a new session, without a controlling terminal
+        _fork_and_leave_parent()  # not a session leader: no terminal ever
+        if working_directory is not None:
+            os.chdir(working_directory)
+        os.umask(umask)
+        for target, stream in enumerate(streams):
+            os.dup2(stream.fileno(), target)
+        if close_inherited:
+            _close_inherited(keep)
+    finally:
+        for stream in streams:
+            stream.close()
 
 
 def _fork_and_leave_parent() -> None:
@@ -174,11 +210,11 @@ def _fork_and_leave_parent() -> None:
         os._exit(0)
 
 
-def _descriptors(files: Iterable[int | IO[Any]]) -> set[int]:
-    return {file if isinstance(file, int) else file.fileno() for file in files}
+def _descriptors(files: Iterable[int | IO[Any]]) -> frozenset[int]:
+    return frozenset(file if isinstance(file, int) else file.fileno() for file in files)
 
 
-def _close_inherited(keep: set[int]) -> None:
+def _close_inherited(keep: frozenset[int]) -> None:
     """Close the inheritable descriptors above 2 that are not in ``keep``.
 
     Non-inheritable ones were opened by this program (Python's default),

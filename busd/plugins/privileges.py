@@ -29,7 +29,7 @@ from busd.plugins.base import SimplePlugin
 if TYPE_CHECKING:
     from busd.bus import Bus
 
-__all__ = ["DropPrivileges"]
+__all__ = ["DropPrivileges", "UnknownNameError"]
 
 # After the PID file (70) and the control socket (75), which need root to
 # be created in /run and to give the socket its group; before brokers are
@@ -39,16 +39,27 @@ START_PRIORITY = 77
 Identity = str | bytes | int
 
 
+class UnknownNameError(ValueError, KeyError):
+    """A user or group name with no entry in the system's databases.
+
+    A ValueError (bad configuration), and a KeyError as well, which is what
+    code written for CherryPy's DropPrivileges (``pwd.getpwnam``) catches.
+    """
+
+    __str__ = ValueError.__str__
+
+
 class DropPrivileges(SimplePlugin):
     """At ``start``, switch to the configured owner and set the ``umask``.
 
     ``uid`` and ``gid`` (CherryPy's) and ``user`` and ``group`` (busd's,
     keywords only; module docstring) are names or numbers; unknown names
-    raise ValueError when they are set, rather than halfway through
-    starting. ``umask`` is an int or an octal string such as ``"027"``.
-    The ``uid``, ``gid`` and ``umask`` properties hold the resolved numbers
-    and accept the same values when set. ``finalized`` is True once
-    ``start`` has run: a later start (of the same bus) changes nothing.
+    raise UnknownNameError (a ValueError and a KeyError) when they are set,
+    rather than halfway through starting. ``umask`` is an int or an octal
+    string such as ``"027"``. The ``uid``, ``gid`` and ``umask`` properties
+    hold the resolved numbers and accept the same values when set.
+    ``finalized`` is True once ``start`` has run: a later start (of the
+    same bus) changes nothing.
 
     Changing owner needs root. A process that is not root but already runs
     as the requested uid and gid (say, started by systemd with ``User=``)
@@ -224,7 +235,7 @@ def _lookup_user(user: Identity) -> pwd.struct_passwd | None:
     except KeyError:
         if user.isdigit():
             return _lookup_user(int(user))
-        raise ValueError(f"unknown user {user!r}") from None
+        raise UnknownNameError(f"unknown user {user!r}") from None
 
 
 def _resolve_group(group: Identity) -> int:
@@ -237,7 +248,7 @@ def _resolve_group(group: Identity) -> int:
     except KeyError:
         if group.isdigit():
             return int(group)
-        raise ValueError(f"unknown group {group!r}") from None
+        raise UnknownNameError(f"unknown group {group!r}") from None
 
 
 def _as_number(value: Identity) -> int:
