@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import wait_for
+from helpers import busctl_env, wait_for
 
 from busd.bus import Bus, states
 from busd.plugins.daemonize import START_PRIORITY, Daemonizer
@@ -357,3 +357,51 @@ print(f"daemon {os.getpid()} {os.getsid(0)} {os.getcwd()}", flush=True)
         assert cwd == str(tmp_path)
         assert reap(int(session)) == 0
         assert reap(int(pid)) == 0
+
+
+def test_busd_the_daemon_asks_for_chdir_umask_and_no_inherited_descriptors(
+    tmp_path: Path,
+) -> None:
+    """``busd run --daemonize`` (what ``busd start`` launches), configured
+    explicitly: cwd /, umask 022, and nothing its launcher passed down."""
+    config = tmp_path / "busd.toml"
+    config.write_text("")
+    pidfile, log = tmp_path / "busd.pid", tmp_path / "busd.log"
+    command = [sys.executable, "-m", "busd", "run", "--daemonize"]
+    command += ["--config", str(config), "--socket", str(tmp_path / "busd.sock")]
+    command += ["--pidfile", str(pidfile), "--log-file", str(log)]
+    env = {k: v for k, v in busctl_env().items() if k not in SYSTEMD_VARIABLES}
+    daemon_pid: int | None = None
+    with subreaper(), open(tmp_path / "inherited.txt", "w") as inherited:
+        os.set_inheritable(inherited.fileno(), True)
+        launcher = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=[inherited.fileno()],
+            cwd=tmp_path,
+            env=env,
+        )
+        try:
+            assert launcher.wait(TIMEOUT) == 0
+            daemon_pid = wait_for(lambda: PIDFile(Bus(), pidfile).holder(), TIMEOUT)
+            reap(os.getsid(daemon_pid))
+            wait_for(lambda: "Bus STARTED" in log.read_text(), TIMEOUT)
+            fds = open_descriptors(daemon_pid)
+            assert str(tmp_path / "inherited.txt") not in fds.values()
+            assert fds[1] == fds[2] == str(log)
+            assert psutil.Process(daemon_pid).cwd() == "/"
+            with open(f"/proc/{daemon_pid}/status") as status:
+                assert "Umask:\t0022\n" in status.read()
+            os.kill(daemon_pid, signal.SIGTERM)
+            assert reap(daemon_pid) == 0
+            daemon_pid = None
+            assert not pidfile.exists()
+        finally:
+            if launcher.poll() is None:
+                os.kill(launcher.pid, signal.SIGKILL)
+                launcher.wait(TIMEOUT)
+            if daemon_pid is not None and psutil.pid_exists(daemon_pid):
+                os.kill(daemon_pid, signal.SIGKILL)
+                reap(daemon_pid)
