@@ -16,9 +16,11 @@ two are told apart by the close-on-exec flag: Python opens everything
 non-inheritable (PEP 446), so an inheritable descriptor above 2 came
 through ``exec`` from the launcher, or was made inheritable on purpose
 (name those in ``files_preserve``). Closing every descriptor instead, as
-python-daemon's ``DaemonContext`` does, leaves the Python objects that
-hold them with dead numbers that the next ``open`` reuses, and their
-writes land in the wrong file (the PID file, typically).
+python-daemon's ``DaemonContext`` does when asked for no list, leaves the
+Python objects that hold them with dead numbers that the next ``open``
+reuses, and their writes land in the wrong file (the PID file, typically).
+The forks, the session, the umask and stdio are ``DaemonContext``'s work;
+this module only chooses what it keeps.
 
 Only for running by hand or from a SysV-style script. Under systemd use
 ``Type=notify`` and run ``busd run`` in the foreground: systemd then knows
@@ -170,8 +172,13 @@ def _detach(
 ) -> None:
     """Fork twice around a new session; the caller continues as the daemon.
 
-    ``paths`` become stdin (read) and stdout, stderr (append).
+    ``paths`` become stdin (read) and stdout, stderr (append). The work is
+    python-daemon's ``DaemonContext``; what it closes is chosen here: it
+    closes every descriptor not in ``files_preserve``, so that list holds
+    every open one but those ``close_inherited`` asks to close.
     """
+    from daemon import DaemonContext  # not at import: only a daemonizing start
+
     # Opened before any chdir, so that relative paths mean what the caller
     # meant, and before forking, so that a bad path fails the start in the
     # process the shell waits for.
@@ -187,46 +194,53 @@ def _detach(
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        _fork_and_leave_parent()
-        os.setsid()  # a new session, without a controlling terminal
-        _fork_and_leave_parent()  # not a session leader: no terminal ever
-        if working_directory is not None:
-            os.chdir(working_directory)
-        os.umask(umask)
-        for target, stream in enumerate(streams):
-            os.dup2(stream.fileno(), target)
-        if close_inherited:
-            _close_inherited(keep)
+        closing = _inherited(keep) if close_inherited else set()
+        context = DaemonContext(
+            detach_process=True,  # also when started by init or inetd
+            signal_map={},  # the SignalHandler plugin owns the signals
+            # DaemonContext always changes directory: to "stay", to here.
+            working_directory=working_directory or os.getcwd(),
+            umask=umask,
+            prevent_core=False,  # CherryPy's daemon may dump core; so may ours
+            files_preserve=[
+                fd for fd in _open_descriptors() if fd > 2 and fd not in closing
+            ],
+            stdin=streams[0],
+            stdout=streams[1],
+            stderr=streams[2],
+        )
+        context.open()
     finally:
+        # dup2 copied them onto 0, 1 and 2; these extra descriptors can go.
         for stream in streams:
             stream.close()
 
 
-def _fork_and_leave_parent() -> None:
-    """Fork; the parent ends at once with status 0, the child returns."""
-    if os.fork() > 0:
-        # No cleanup in the parent: atexit handlers and buffered files
-        # belong to the child now, which carries on as the program.
-        os._exit(0)
+def _open_descriptors() -> list[int]:
+    """This process's open descriptors (/proc's own listing one left out)."""
+    listed = [int(name) for name in os.listdir("/proc/self/fd")]
+    open_now = []
+    for fd in listed:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # the descriptor listdir itself used, now closed
+        open_now.append(fd)
+    return open_now
 
 
 def _descriptors(files: Iterable[int | IO[Any]]) -> frozenset[int]:
     return frozenset(file if isinstance(file, int) else file.fileno() for file in files)
 
 
-def _close_inherited(keep: frozenset[int]) -> None:
-    """Close the inheritable descriptors above 2 that are not in ``keep``.
+def _inherited(keep: frozenset[int]) -> set[int]:
+    """The inheritable descriptors above 2 that are not in ``keep``.
 
     Non-inheritable ones were opened by this program (Python's default),
-    and the objects holding them stay valid.
+    and the objects holding them must stay valid.
     """
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            inheritable = os.get_inheritable(fd)
-        except OSError:
-            continue  # the descriptor listdir itself used, now closed
-        if inheritable:
-            os.close(fd)
+    inherited = set()
+    for fd in _open_descriptors():
+        if fd > 2 and fd not in keep and os.get_inheritable(fd):
+            inherited.add(fd)
+    return inherited

@@ -24,6 +24,8 @@ import os
 import pwd
 from typing import TYPE_CHECKING
 
+from daemon.daemon import change_file_creation_mask, change_process_owner
+
 from busd.plugins.base import SimplePlugin
 
 if TYPE_CHECKING:
@@ -170,7 +172,7 @@ class DropPrivileges(SimplePlugin):
         if switching:
             self._change_owner()
         if self.umask is not None:
-            os.umask(self.umask)
+            change_file_creation_mask(self.umask)
         self.finalized = True
         umask = "unchanged" if self.umask is None else f"{self.umask:03o}"
         if not switching:
@@ -208,10 +210,9 @@ class DropPrivileges(SimplePlugin):
             os.setgroups([gid])  # busd's group= alone
         elif self.gid is not None:
             os.setgroups([])  # CherryPy's gid=
-        if self.gid is not None:
-            os.setgid(gid)
-        if self.uid is not None:
-            os.setuid(uid)
+        # python-daemon's setgid then setuid (an unset one is the current id,
+        # so setting it changes nothing); groups were settled above.
+        change_process_owner(uid, gid, initgroups=False)
 
     def _target(self, uid: int, gid: int) -> str:
         if self.user is not None:
