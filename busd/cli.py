@@ -254,7 +254,18 @@ def run(args: argparse.Namespace) -> int:
     if args.daemonize:
         from busd.plugins.daemonize import Daemonizer
 
-        Daemonizer(daemon.bus, stdout=args.log_file, stderr=args.log_file).subscribe()
+        # Not the library's CherryPy defaults: busd leaves the directory it
+        # was started in (so that it does not hold a mount busy), keeps a
+        # umask that gives no one else write access, and closes what its
+        # launcher passed down, which its brokers must not inherit.
+        Daemonizer(
+            daemon.bus,
+            stdout=args.log_file,
+            stderr=args.log_file,
+            working_directory="/",
+            umask=0o022,
+            close_inherited=True,
+        ).subscribe()
     return daemon.run()
 
 

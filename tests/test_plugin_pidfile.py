@@ -285,3 +285,30 @@ bus.exit()
         assert PIDFile(Bus(), path).holder() is None  # stale: next start wins
     finally:
         shutil.rmtree(directory)
+
+
+def test_cherrypy_names_pidfile_and_finalized(tmp_path: Path, bus_log) -> None:
+    bus, _ = bus_log
+    relative = os.path.relpath(tmp_path / "app.pid")
+    plugin = PIDFile(bus, pidfile=relative)
+    assert plugin.pidfile == relative  # as given, as CherryPy keeps it
+    assert plugin.path == str(tmp_path / "app.pid")
+    assert plugin.finalized is False
+    plugin.subscribe()
+    bus.start()
+    try:
+        assert plugin.finalized is True
+        assert (tmp_path / "app.pid").read_text() == f"{os.getpid()}\n"
+    finally:
+        bus.exit()
+    assert plugin.finalized is False  # let go: a later start takes it again
+    assert not (tmp_path / "app.pid").exists()
+
+
+def test_path_stays_as_an_alias_of_pidfile(tmp_path: Path) -> None:
+    path = tmp_path / "app.pid"
+    assert PIDFile(Bus(), path=path).path == str(path)
+    with pytest.raises(TypeError, match="pidfile or path, not both"):
+        PIDFile(Bus(), path, path=path)
+    with pytest.raises(TypeError, match=r"missing the PID file's path \(pidfile\)"):
+        PIDFile(Bus())

@@ -201,3 +201,92 @@ def _has_passwd(uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_cherrypy_positional_order_is_umask_uid_gid() -> None:
+    plugin = DropPrivileges(Bus(), 0o022)  # a umask, not a user
+    assert (plugin.umask, plugin.uid, plugin.gid) == (0o022, None, None)
+    plugin = DropPrivileges(Bus(), 0o027, "nobody", NOGROUP.gr_name)
+    assert (plugin.umask, plugin.uid, plugin.gid) == (
+        0o027,
+        NOBODY.pw_uid,
+        NOGROUP.gr_gid,
+    )
+    plugin = DropPrivileges(Bus(), umask=0o022, uid=0, gid=0)
+    assert (plugin.umask, plugin.uid, plugin.gid) == (0o022, 0, 0)
+    assert plugin.finalized is False
+
+
+def test_uid_gid_umask_properties_take_names_numbers_and_bytes() -> None:
+    plugin = DropPrivileges(Bus())
+    plugin.uid = "nobody"
+    plugin.gid = NOGROUP.gr_name.encode()
+    plugin.umask = "077"
+    assert (plugin.uid, plugin.gid, plugin.umask) == (
+        NOBODY.pw_uid,
+        NOGROUP.gr_gid,
+        0o077,
+    )
+    plugin.uid = b"nobody"
+    plugin.gid = 4242
+    assert (plugin.uid, plugin.gid) == (NOBODY.pw_uid, 4242)
+    plugin.uid = plugin.gid = plugin.umask = None
+    assert (plugin.uid, plugin.gid, plugin.umask) == (None, None, None)
+    with pytest.raises(ValueError, match="unknown user 'no-such-busd-user'"):
+        plugin.uid = "no-such-busd-user"
+    with pytest.raises(ValueError, match="unknown group 'no-such-busd-group'"):
+        plugin.gid = "no-such-busd-group"
+    with pytest.raises(ValueError, match="umask '9x' is not an octal number"):
+        plugin.umask = "9x"
+
+
+def test_cherrypy_and_busd_names_do_not_mix() -> None:
+    with pytest.raises(TypeError, match=r"uid/gid .* or user/group .* not both"):
+        DropPrivileges(Bus(), uid="nobody", group=NOGROUP.gr_name)
+
+
+@needs_root
+def test_cherrypy_uid_and_gid_empty_the_supplementary_groups(dropper) -> None:
+    proc, output = dropper(uid="nobody", gid=NOGROUP.gr_name, umask=0o022)
+    uid, gid = NOBODY.pw_uid, NOGROUP.gr_gid
+    assert f"Dropped privileges to uid={uid} gid={gid} groups= umask=022" in output
+    status = proc_status(proc.pid)
+    assert status["Uid"] == [str(uid)] * 4
+    assert status["Gid"] == [str(gid)] * 4
+    assert status["Groups"] == []  # as CherryPy's: not the user's groups
+    assert status["Umask"] == ["0022"]
+    finish(proc)
+
+
+@needs_root
+def test_a_second_start_changes_nothing(dropper) -> None:
+    script = r"""
+import os
+from busd.bus import Bus
+from busd.plugins.privileges import DropPrivileges
+
+plugin = DropPrivileges(Bus(), 0o027, "nobody")
+plugin.start()
+assert plugin.finalized
+plugin.umask = 0o077
+plugin.start()  # finalized: the umask stays 027
+print(oct(os.umask(0)), os.getuid(), flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"0o27 {NOBODY.pw_uid}\n"
+
+
+def test_an_unknown_name_is_a_key_error_too_as_cherrypy_raises() -> None:
+    with pytest.raises(KeyError) as caught:
+        DropPrivileges(Bus(), uid="no-such-busd-user")
+    assert isinstance(caught.value, ValueError)
+    assert str(caught.value) == "unknown user 'no-such-busd-user'"
+    with pytest.raises(KeyError, match="unknown group 'no-such-busd-group'"):
+        DropPrivileges(Bus(), gid="no-such-busd-group")

@@ -89,16 +89,40 @@ def read_pid(path: str | os.PathLike[str]) -> int | None:
 class PIDFile(SimplePlugin):
     """Take the PID file at ``start`` and hold its lock until ``exit``.
 
-    A stale file (its process is gone) is replaced with an INFO log line; a
-    live holder makes ``start`` raise :class:`PIDFileError`. At ``exit`` the
-    file is removed if it is still ours; if removing is not allowed (say,
-    after dropping privileges, in a directory only root may write) a warning
-    is logged and the unlocked file stays behind, stale and harmless.
+    ``PIDFile(bus, pidfile)`` as in CherryPy; ``path=`` is busd's older name
+    for the same argument. ``pidfile`` keeps the path as given, ``path`` is
+    it made absolute (here, so that a later chdir does not move it), and
+    ``finalized`` is True while this plugin holds the file.
+
+    Unlike CherryPy's, which writes the file in place and removes it at exit
+    whoever wrote it, the file is written atomically and locked (module
+    docstring): a stale file (its process is gone) is replaced with an INFO
+    log line; a live holder makes ``start`` raise :class:`PIDFileError`. At
+    ``exit`` the file is removed if it is still ours; if removing is not
+    allowed (say, after dropping privileges, in a directory only root may
+    write) a warning is logged and the unlocked file stays behind, stale and
+    harmless.
     """
 
-    def __init__(self, bus: Bus, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        pidfile: str | os.PathLike[str] | None = None,
+        *,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
         super().__init__(bus)
-        self.path = os.path.abspath(os.fspath(path))
+        if pidfile is None:
+            pidfile = path
+        elif path is not None:
+            raise TypeError("PIDFile: give pidfile or path, not both")
+        if pidfile is None:
+            raise TypeError("PIDFile: missing the PID file's path (pidfile)")
+        #: The path as given (CherryPy's attribute).
+        self.pidfile = pidfile
+        self.path = os.path.abspath(os.fspath(pidfile))
+        #: True while this plugin holds the file (CherryPy's attribute).
+        self.finalized = False
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -123,6 +147,7 @@ class PIDFile(SimplePlugin):
             self.bus.log(f"PID file {self.path} is already ours.", level=logging.DEBUG)
             return
         self._take()
+        self.finalized = True
         self.bus.log(f"PID {self._pid} written to {self.path}.")
 
     start.priority = START_PRIORITY  # type: ignore[attr-defined]
@@ -152,6 +177,7 @@ class PIDFile(SimplePlugin):
             )
         finally:
             self._fd = None
+            self.finalized = False
             os.close(fd)  # releases the lock
 
     exit.priority = EXIT_PRIORITY  # type: ignore[attr-defined]
