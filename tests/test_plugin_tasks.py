@@ -1,4 +1,6 @@
-"""BackgroundTask and Monitor with real threads: repetition, cancel, errors."""
+"""BackgroundTask, PerpetualTimer and Monitor with real threads: repetition,
+cancel, errors. Side by side with CherryPy's: tests/test_tasks_vs_cherrypy.py.
+"""
 
 import logging
 import threading
@@ -8,7 +10,12 @@ import pytest
 from helpers import record_log
 
 from busd import Bus
-from busd.plugins.tasks import MONITOR_START_PRIORITY, BackgroundTask, Monitor
+from busd.plugins.tasks import (
+    MONITOR_START_PRIORITY,
+    BackgroundTask,
+    Monitor,
+    PerpetualTimer,
+)
 
 FAST = 0.01  # seconds between calls in these tests
 DEADLINE = 10.0  # generous: a loaded 2-core machine may stall a thread
@@ -79,35 +86,112 @@ def test_cancel_before_start_means_no_call():
     assert counter.calls == 0
 
 
-def test_failing_function_is_logged_each_time_and_keeps_running():
+class ThreadErrors(list):
+    """The (thread name, exception type) of each exception that ended a thread."""
+
+    def __init__(self):
+        super().__init__()
+        self._changed = threading.Condition()
+
+    def hook(self, args):
+        """A threading.excepthook."""
+        with self._changed:
+            self.append((args.thread.name, args.exc_type))
+            self._changed.notify_all()
+
+    def wait_for(self, n):
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self) >= n, DEADLINE)
+
+
+@pytest.fixture
+def thread_errors(monkeypatch):
+    """What threading.excepthook receives during the test."""
+    errors = ThreadErrors()
+    monkeypatch.setattr(threading, "excepthook", errors.hook)
+    return errors
+
+
+@pytest.mark.parametrize("make", ["task", "timer"])
+def test_failing_function_is_logged_once_and_ends_the_thread(make, thread_errors):
+    # CherryPy's behaviour, the default: log at 40 with traceback, re-raise.
     bus = Bus()
     log = record_log(bus)
     counter = Counter(fail=True)
-    task = BackgroundTask(FAST, counter, bus=bus, name="flaky")
+    if make == "task":
+        task = BackgroundTask(FAST, counter, bus=bus, name="flaky")
+        what = "background task"
+    else:
+        task = PerpetualTimer(FAST, counter, bus=bus)
+        task.name = "flaky"
+        what = "perpetual timer"
+    task.start()
+    task.join(DEADLINE)
+    assert not task.is_alive()
+    assert counter.calls == 1
+    assert thread_errors == [("flaky", ValueError)]
+    [(msg, level)] = log
+    assert level == logging.ERROR
+    assert msg.startswith(f"Error in {what} thread function {counter!r}.\n")
+    assert "Traceback (most recent call last)" in msg
+    assert msg.rstrip().endswith("ValueError: failure number 1")
+    if make == "task":
+        assert not task.running
+
+
+@pytest.mark.parametrize("make", ["task", "timer"])
+def test_keep_running_logs_each_failure_and_goes_on(make):
+    bus = Bus()
+    log = record_log(bus)
+    counter = Counter(fail=True)
+    if make == "task":
+        task = BackgroundTask(FAST, counter, bus=bus, keep_running=True)
+    else:
+        task = PerpetualTimer(FAST, counter, bus=bus, keep_running=True)
     task.start()
     counter.wait_for(3)
     task.cancel()
     task.join(DEADLINE)
+    assert not task.is_alive()
     errors = [msg for msg, level in log if level == logging.ERROR]
     assert len(errors) >= 2  # the task survived its first failure
     for msg in errors:
-        assert "'flaky'" in msg
         assert repr(counter) in msg  # names the function
         assert "Traceback (most recent call last)" in msg
         assert "ValueError: failure number" in msg
 
 
-def test_failing_function_without_bus_goes_to_the_logger(caplog):
+def test_keep_running_without_bus_goes_to_the_logger(caplog):
     counter = Counter(fail=True)
-    task = BackgroundTask(FAST, counter, name="lonely")
+    task = BackgroundTask(FAST, counter, keep_running=True)
     with caplog.at_level(logging.ERROR, logger="busd.plugins.tasks"):
         task.start()
         counter.wait_for(2)
         task.cancel()
         task.join(DEADLINE)
     assert any(
-        "lonely" in r.getMessage() and r.exc_info is not None for r in caplog.records
+        repr(counter) in r.getMessage() and r.exc_info is not None
+        for r in caplog.records
     )
+
+
+def test_perpetual_timer_repeats_until_cancelled():
+    counter = Counter()
+    timer = PerpetualTimer(FAST, counter, args=[], kwargs={})
+    assert isinstance(timer, threading.Timer)
+    assert timer.bus is None and not timer.daemon
+    timer.start()
+    counter.wait_for(3)
+    timer.cancel()
+    timer.join(DEADLINE)
+    assert not timer.is_alive()
+
+
+def test_task_keeps_args_and_kwargs_as_given():
+    args, kwargs = [1, 2], {"k": 3}
+    task = BackgroundTask(1, print, args, kwargs)
+    assert task.args is args and task.kwargs is kwargs
+    assert BackgroundTask(1, print).kwargs == {}
 
 
 def test_monitor_runs_from_start_until_stop():
@@ -192,11 +276,31 @@ def test_monitor_with_zero_frequency_is_disabled():
     assert monitor.thread is None
 
 
-def test_failing_callback_keeps_being_called_and_logged_with_traceback():
+def test_failing_callback_ends_the_thread_until_graceful(thread_errors):
     bus = Bus()
     log = record_log(bus)
     counter = Counter(fail=True)
     monitor = Monitor(bus, counter, frequency=FAST, name="failing")
+    monitor.subscribe()
+    bus.start()
+    thread_errors.wait_for(1)
+    first = monitor.thread
+    first.join(DEADLINE)
+    assert counter.calls == 1
+    bus.graceful()  # a new thread: the callback is called again
+    thread_errors.wait_for(2)
+    assert counter.calls == 2
+    bus.exit()
+    failures = [msg for msg, level in log if level == logging.ERROR]
+    assert len(failures) == 2
+    assert thread_errors == [("failing", ValueError)] * 2
+
+
+def test_keep_running_callback_keeps_being_called_and_logged():
+    bus = Bus()
+    log = record_log(bus)
+    counter = Counter(fail=True)
+    monitor = Monitor(bus, counter, frequency=FAST, name="failing", keep_running=True)
     monitor.subscribe()
     bus.start()
     counter.wait_for(4)
@@ -207,7 +311,7 @@ def test_failing_callback_keeps_being_called_and_logged_with_traceback():
     failures = [
         msg
         for msg, level in log
-        if level == logging.ERROR and "background task 'failing'" in msg
+        if level == logging.ERROR and "background task thread function" in msg
     ]
     assert len(failures) >= 3
     assert all("Traceback" in msg and "ValueError" in msg for msg in failures)
