@@ -228,16 +228,20 @@ class Monitor(SimplePlugin):
 
         Called from the monitor's own thread (the callback stopping or
         restarting the bus), it cancels without joining, since a thread
-        cannot wait for itself.
+        cannot wait for itself, and without a log line, as CherryPy.
         """
         thread = self.thread
         if thread is None:
             self.bus.log(f"No thread running for {self._thread_name}.")
             return
         thread.cancel()
-        if thread is not threading.current_thread() and thread.ident is not None:
-            thread.join()
         self.thread = None
+        if thread is threading.current_thread():
+            # The callback stops its own monitor (the Autoreloader restarting
+            # the bus): it has said so already; CherryPy logs nothing here.
+            return
+        if thread.ident is not None:
+            thread.join()
         self.bus.log(f"Stopped thread {thread.name!r}.")
 
     def graceful(self) -> None:
