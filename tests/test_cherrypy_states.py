@@ -64,7 +64,9 @@ import cherrypy
 import psutil
 from helpers import ROOT
 
-#: The plugin classes the issue names; the harness puts busd's in their place.
+#: The plugin classes the harness replaces by busd's: the six the issue names,
+#: and the Autoreloader that cherrypy.engine.autoreload is made from (with
+#: the Monitor and PerpetualTimer that complete the set).
 SUBSTITUTED_PLUGINS = (
     "SignalHandler",
     "PIDFile",
@@ -72,6 +74,9 @@ SUBSTITUTED_PLUGINS = (
     "DropPrivileges",
     "ThreadManager",
     "BackgroundTask",
+    "PerpetualTimer",
+    "Monitor",
+    "Autoreloader",
 )
 
 #: SHA-256 of the files in the cherrypy-18.10.0 sdist.
