@@ -25,8 +25,9 @@ How it runs:
 - As root (CI, the dev machines), the run gets its own network and PID
   namespaces: test_states uses fixed ports (54583, 8081) that another run
   on the machine could hold, and the namespace's end ends every process
-  the run started, including a hung or daemonized demo server. Elsewhere
-  the leftovers are found by their command line (the temporary copy's
+  the run started, including a hung or daemonized demo server; the two
+  runs below then go side by side. Elsewhere they run one after the other,
+  and the leftovers are found by their command line (the temporary copy's
   config file) and ended by PID.
 - The same run with CherryPy's own bus and plugins is the reference: it
   must pass 14/14, so a failure on busd's side is busd's.
@@ -58,10 +59,14 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cherrypy
 import psutil
+import pytest
 from helpers import ROOT
 
 #: The plugin classes the harness replaces by busd's: the six the issue names,
@@ -152,16 +157,24 @@ def cherrypy_copy(dest: Path) -> Path:
     return dest
 
 
+def namespaces_available() -> bool:
+    """Whether this process may give a run its own network and PID namespaces."""
+    return (
+        os.geteuid() == 0
+        and shutil.which("unshare") is not None
+        and shutil.which("ip") is not None
+    )
+
+
 def isolated(command: list[str]) -> list[str]:
     """``command`` in new network and PID namespaces, when we may make them."""
-    unshare = shutil.which("unshare")
-    ip = shutil.which("ip")
-    if os.geteuid() != 0 or unshare is None or ip is None:
+    if not namespaces_available():
         return command
     # sh stays PID 1 of the namespace (no exec): when it ends, the kernel
     # ends every process left in it.
+    ip = shutil.which("ip")
     script = f'{ip} link set lo up && "$@"; status=$?; exit "$status"'
-    return [unshare, "--net", "--pid", "--fork", "sh", "-c", script, "sh", *command]
+    return ["unshare", "--net", "--pid", "--fork", "sh", "-c", script, "sh", *command]
 
 
 def end_leftovers(marker: str) -> None:
@@ -176,12 +189,22 @@ def end_leftovers(marker: str) -> None:
                 pass
 
 
-def run_test_states(tmp_path: Path, bus: str) -> tuple[dict[str, str], list, str]:
-    """Run test_states.py with ``bus`` ("busd" or "cherrypy").
+@dataclass
+class StatesRun:
+    """test_states.py run with ``bus`` ("busd" or "cherrypy"), as a subprocess.
 
-    Returns ({test id: outcome}, the records of every process that loaded
-    CherryPy, pytest's output). The outcome is "passed", "failed", "error" or "skipped".
+    ``outcomes`` maps each test id to "passed", "failed", "error" or
+    "skipped"; ``records`` are the records of every process that loaded
+    CherryPy; ``output`` is pytest's.
     """
+
+    outcomes: dict[str, str]
+    records: list[dict[str, Any]]
+    output: str
+
+
+def start_test_states(tmp_path: Path, bus: str) -> Callable[[], StatesRun]:
+    """Start the run; return the function that waits for it and reads it."""
     copy = cherrypy_copy(tmp_path / "cherrypy-copy")
     report = tmp_path / "report.xml"
     record = tmp_path / "record.jsonl"
@@ -204,37 +227,62 @@ def run_test_states(tmp_path: Path, bus: str) -> tuple[dict[str, str], list, str
         f"--timeout={PER_TEST_TIMEOUT}",
         f"--junitxml={report}",
     ]
-    try:
-        finished = subprocess.run(
-            isolated(command),
-            cwd=copy,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
-    finally:
-        end_leftovers(str(copy))
-    assert report.exists(), (
-        f"test_states.py ran no test (exit {finished.returncode}):\n"
-        f"{finished.stdout[-4000:]}\n{finished.stderr[-4000:]}"
+    process = subprocess.Popen(
+        isolated(command),
+        cwd=copy,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    outcomes = {}
-    for case in ET.parse(report).iter("testcase"):
-        classname = case.get("classname", "").rsplit(".", 1)[-1]
-        name = case.get("name", "")
-        test_id = name if classname == "test_states" else f"{classname}::{name}"
-        outcome = "passed"
-        for tag in ("failure", "error", "skipped"):
-            if case.find(tag) is not None:
-                outcome = "failed" if tag == "failure" else tag
-        outcomes[test_id] = outcome
-    records = [json.loads(line) for line in record.read_text().splitlines()]
-    return outcomes, records, finished.stdout
+
+    def finish() -> StatesRun:
+        try:
+            output, _ = process.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            process.kill()
+            process.wait()
+            end_leftovers(str(copy))
+        assert report.exists(), (
+            f"test_states.py ran no test (exit {process.returncode}):\n{output[-6000:]}"
+        )
+        outcomes = {}
+        for case in ET.parse(report).iter("testcase"):
+            classname = case.get("classname", "").rsplit(".", 1)[-1]
+            name = case.get("name", "")
+            test_id = name if classname == "test_states" else f"{classname}::{name}"
+            outcome = "passed"
+            for tag in ("failure", "error", "skipped"):
+                if case.find(tag) is not None:
+                    outcome = "failed" if tag == "failure" else tag
+            outcomes[test_id] = outcome
+        records = [json.loads(line) for line in record.read_text().splitlines()]
+        return StatesRun(outcomes, records, output)
+
+    return finish
 
 
-def check_records(records: list, bus_class: str, plugin_module: str) -> None:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, StatesRun]:
+    """Both runs; side by side when each has its own namespaces (half the time)."""
+    results = {}
+    if namespaces_available():
+        pending = {
+            bus: start_test_states(tmp_path_factory.mktemp(bus), bus)
+            for bus in ("cherrypy", "busd")
+        }
+        for bus, finish in pending.items():
+            results[bus] = finish()
+    else:  # one after the other: both would use the same ports
+        for bus in ("cherrypy", "busd"):
+            results[bus] = start_test_states(tmp_path_factory.mktemp(bus), bus)()
+    return results
+
+
+def check_records(
+    records: list[dict[str, Any]], bus_class: str, plugin_module: str
+) -> None:
     """Every process that loaded CherryPy ran on ``bus_class`` and those plugins."""
     buses = {r["classes"]["bus"] for r in records if r["module"] == "wspbus"}
     assert buses == {bus_class}
@@ -248,18 +296,18 @@ def check_records(records: list, bus_class: str, plugin_module: str) -> None:
     assert len({r["pid"] for r in records if r["module"] == "wspbus"}) >= 9
 
 
-def test_cherrypy_test_states_with_cherrypy_itself_passes_14_of_14(tmp_path):
-    outcomes, records, output = run_test_states(tmp_path, "cherrypy")
-    check_records(records, "cherrypy.process.wspbus.Bus", "cherrypy.process.")
-    assert set(outcomes) == ALL_TESTS
-    failed = {test for test, outcome in outcomes.items() if outcome != "passed"}
-    assert not failed, output[-6000:]
+def test_cherrypy_test_states_with_cherrypy_itself_passes_14_of_14(runs):
+    run = runs["cherrypy"]
+    check_records(run.records, "cherrypy.process.wspbus.Bus", "cherrypy.process.")
+    assert set(run.outcomes) == ALL_TESTS
+    failed = {test for test, outcome in run.outcomes.items() if outcome != "passed"}
+    assert not failed, run.output[-6000:]
 
 
-def test_cherrypy_test_states_with_busd_bus_and_plugins(tmp_path):
-    outcomes, records, output = run_test_states(tmp_path, "busd")
-    check_records(records, "busd.bus.Bus", "busd.plugins.")
-    assert set(outcomes) == ALL_TESTS
-    failed = {test for test, outcome in outcomes.items() if outcome != "passed"}
+def test_cherrypy_test_states_with_busd_bus_and_plugins(runs):
+    run = runs["busd"]
+    check_records(run.records, "busd.bus.Bus", "busd.plugins.")
+    assert set(run.outcomes) == ALL_TESTS
+    failed = {test for test, outcome in run.outcomes.items() if outcome != "passed"}
     # Empty KNOWN_FAILING once the other branches are in: then this is 14/14.
-    assert failed <= KNOWN_FAILING, output[-6000:]
+    assert failed <= KNOWN_FAILING, run.output[-6000:]
