@@ -119,7 +119,11 @@ class OrderBank(SimplePlugin):
         super().__init__(bus)
         from busd.plugins import Monitor
 
-        self.monitor = Monitor(bus, self.place, frequency=BANK_INTERVAL, name="bank")
+        # keep_running: an order that cannot be sent (busd restarting, say)
+        # is logged, and the Bank goes on; CherryPy's default would end it.
+        self.monitor = Monitor(
+            bus, self.place, frequency=BANK_INTERVAL, name="bank", keep_running=True
+        )
 
     def subscribe(self) -> None:
         super().subscribe()

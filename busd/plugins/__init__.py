@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     # What __getattr__ below returns, for the type checker only.
+    from busd.plugins.autoreload import Autoreloader as Autoreloader
     from busd.plugins.base import SimplePlugin as SimplePlugin
     from busd.plugins.daemonize import Daemonizer as Daemonizer
     from busd.plugins.pidfile import PIDFile as PIDFile
@@ -24,9 +25,11 @@ if TYPE_CHECKING:
     from busd.plugins.signals import SignalHandler as SignalHandler
     from busd.plugins.tasks import BackgroundTask as BackgroundTask
     from busd.plugins.tasks import Monitor as Monitor
+    from busd.plugins.tasks import PerpetualTimer as PerpetualTimer
     from busd.plugins.threads import ThreadManager as ThreadManager
 
 _MODULES = {
+    "Autoreloader": "autoreload",
     "SimplePlugin": "base",
     "Daemonizer": "daemonize",
     "PIDFile": "pidfile",
@@ -36,6 +39,7 @@ _MODULES = {
     "SignalHandler": "signals",
     "BackgroundTask": "tasks",
     "Monitor": "tasks",
+    "PerpetualTimer": "tasks",
     "ThreadManager": "threads",
 }
 

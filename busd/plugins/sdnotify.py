@@ -296,6 +296,8 @@ class SdNotify(SimplePlugin):
                 args=("WATCHDOG=1",),
                 bus=self.bus,
                 name="sd_notify watchdog",
+                # A failed ping must not end the pings: systemd would kill busd.
+                keep_running=True,
             )
             self.watchdog.start()
         self.bus.log(f"sd_notify: watchdog pings every {interval:g} s.")

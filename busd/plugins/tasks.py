@@ -1,23 +1,26 @@
-"""Periodic work: a repeating background thread and a bus plugin that runs one.
+"""Periodic work: repeating background threads and a bus plugin that runs one.
 
 :class:`BackgroundTask` is a daemon thread that calls a function every
-``interval`` seconds until :meth:`~BackgroundTask.cancel` is called.
-:class:`Monitor` ties such a task to the bus: it starts with the bus,
-stops with it and restarts on ``graceful``.
+``interval`` seconds until :meth:`~BackgroundTask.cancel` is called;
+:class:`PerpetualTimer` is the same loop as a :class:`threading.Timer`.
+:class:`Monitor` ties a task to the bus: it starts with the bus, stops with
+it and restarts on ``graceful``.
 
-Both keep the names and arguments of CherryPy's classes of the same name
-(``interval``, ``function``, ``args``, ``kwargs``, ``bus``, ``running``;
-``callback``, ``frequency``, ``thread``, ``name``), so code written for
-CherryPy works unchanged. Two behaviours differ on purpose:
+They keep the names, arguments, attributes, log lines and error handling of
+CherryPy's classes of the same names (``interval``, ``function``, ``args``,
+``kwargs``, ``bus``, ``running``; ``callback``, ``frequency``, ``thread``,
+``name``), so code written for CherryPy works unchanged. In particular a
+function that raises is logged on the bus (``Error in background task thread
+function <f>.``, level 40, with traceback) and ends its task, as in CherryPy.
+``keep_running=True`` (keyword-only, busd's) logs the error and carries on at
+the next interval instead, for work where a transient failure (a full disk,
+a lost connection) must not silently turn the task off for good.
 
-- the task waits on a :class:`threading.Event`, so ``cancel()`` ends the
-  wait at once instead of after the current ``time.sleep(interval)``;
-- when the function raises, the error is logged (with its traceback) and
-  the task carries on at the next interval. CherryPy's task thread dies on
-  the first error, which silently turns a monitor off for the rest of the
-  process's life; a transient failure (a full disk, a lost connection)
-  should not do that. A function that wants to stop its task can call
-  ``cancel()``; ``KeyboardInterrupt`` and ``SystemExit`` still end it.
+Deliberate differences (docs/bus.md): the tasks wait on a
+:class:`threading.Event`, so ``cancel()`` ends the wait at once instead of
+after the current ``time.sleep(interval)`` (and a task cancelled before it
+starts makes no call); ``Monitor.stop()`` waits for a call in progress and
+cancels the task even when called from the task's own thread.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from busd.plugins.base import SimplePlugin
 if TYPE_CHECKING:
     from busd.bus import Bus
 
-__all__ = ["MONITOR_START_PRIORITY", "BackgroundTask", "Monitor"]
+__all__ = ["MONITOR_START_PRIORITY", "BackgroundTask", "Monitor", "PerpetualTimer"]
 
 # CherryPy's value, kept so that mixed plugin sets order the same way: the
 # monitor starts after the ordinary services (50) it usually watches, and
@@ -40,6 +43,27 @@ __all__ = ["MONITOR_START_PRIORITY", "BackgroundTask", "Monitor"]
 MONITOR_START_PRIORITY = 70
 
 _logger = logging.getLogger(__name__)
+
+
+def _report_failure(
+    bus: Bus | None, what: str, function: Callable[..., Any], keep_running: bool
+) -> None:
+    """Log a failed call of a task's function on ``bus``, as CherryPy words it.
+
+    Without a bus, CherryPy logs nothing (the thread's exception is printed
+    by :func:`threading.excepthook` as it ends); a task that keeps running
+    logs on this module's logger instead, since nothing else would say it.
+    """
+    message = f"Error in {what} thread function {function!r}."
+    if bus is None:
+        if keep_running:
+            _logger.exception(message)
+        return
+    try:
+        bus.log(message, level=logging.ERROR, traceback=True)
+    except Exception:
+        # A failing log listener must not hide the failure.
+        _logger.exception(message)
 
 
 class BackgroundTask(threading.Thread):
@@ -50,10 +74,10 @@ class BackgroundTask(threading.Thread):
     never pile up. ``cancel()`` takes effect immediately when the thread is
     waiting, and right after the current call when it is running one.
 
-    An exception from ``function`` is logged on ``bus`` (at ERROR, with
-    the traceback; on this module's logger when there is no bus) and the
-    task keeps running. See the module docstring for why this differs from
-    CherryPy.
+    An exception from ``function`` is logged on ``bus`` (level 40, with the
+    traceback) and re-raised: the thread ends, as CherryPy's does. With
+    ``keep_running=True`` the task logs it (on this module's logger when
+    there is no bus) and carries on.
     """
 
     def __init__(
@@ -65,14 +89,17 @@ class BackgroundTask(threading.Thread):
         bus: Bus | None = None,
         *,
         name: str | None = None,
+        keep_running: bool = False,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.interval = interval
         self.function = function
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
+        self.args = args
+        self.kwargs = {} if kwargs is None else kwargs
         self.bus = bus
-        #: True from the moment the thread runs until ``cancel()``.
+        #: Log a failing call and go on (True), or end the thread (False).
+        self.keep_running = keep_running
+        #: True from the moment the thread runs until it ends or is cancelled.
         self.running = False
         self._cancelled = threading.Event()
 
@@ -86,29 +113,59 @@ class BackgroundTask(threading.Thread):
         self._cancelled.set()
 
     def run(self) -> None:
-        """Call the function every interval until cancelled."""
+        """Call the function every interval until cancelled (or it fails)."""
         self.running = not self._cancelled.is_set()
-        while not self._cancelled.wait(self.interval):
+        try:
+            while not self._cancelled.wait(self.interval):
+                try:
+                    self.function(*self.args, **self.kwargs)
+                except Exception:
+                    _report_failure(
+                        self.bus, "background task", self.function, self.keep_running
+                    )
+                    if not self.keep_running:
+                        raise
+        finally:
+            self.running = False
+
+
+class PerpetualTimer(threading.Timer):
+    """A :class:`threading.Timer` that repeats: ``function`` every ``interval``.
+
+    Takes Timer's arguments plus ``bus`` (and busd's keyword-only
+    ``keep_running``); ``cancel()`` is Timer's, and ends the wait at once.
+    Unlike :class:`BackgroundTask` it is not a daemon thread unless made
+    one. A failing call is logged on ``bus`` (``Error in perpetual timer
+    thread function <f>.``, level 40, with traceback) and ends the thread,
+    as in CherryPy, unless ``keep_running`` is true.
+    """
+
+    def __init__(
+        self,
+        interval: float,
+        function: Callable[..., Any],
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        bus: Bus | None = None,
+        keep_running: bool = False,
+    ) -> None:
+        super().__init__(interval, function, args, kwargs)
+        self.bus = bus
+        #: Log a failing call and go on (True), or end the thread (False).
+        self.keep_running = keep_running
+
+    def run(self) -> None:
+        """Call the function every interval until cancelled (or it fails)."""
+        while not self.finished.wait(self.interval):
             try:
                 self.function(*self.args, **self.kwargs)
             except Exception:
-                self._report_failure()
-        self.running = False
-
-    def _report_failure(self) -> None:
-        message = (
-            f"Error in background task {self.name!r} "
-            f"(function {self.function!r}); it runs again in {self.interval} s."
-        )
-        if self.bus is None:
-            _logger.exception(message)
-            return
-        try:
-            self.bus.log(message, level=logging.ERROR, traceback=True)
-        except Exception:
-            # A failing log listener must not end the task either; say it
-            # where it can still be seen.
-            _logger.exception(message)
+                _report_failure(
+                    self.bus, "perpetual timer", self.function, self.keep_running
+                )
+                if not self.keep_running:
+                    raise
 
 
 class Monitor(SimplePlugin):
@@ -117,7 +174,9 @@ class Monitor(SimplePlugin):
     The callback runs in a :class:`BackgroundTask` thread named ``name``
     (default: the class name) from ``start`` until ``stop``; ``graceful``
     restarts it. A frequency of 0 or less disables the monitor, as in
-    CherryPy.
+    CherryPy. A callback that raises is logged and ends the thread, as in
+    CherryPy, until the next ``start`` or ``graceful``; ``keep_running=True``
+    (busd's) keeps calling it.
     """
 
     def __init__(
@@ -126,6 +185,8 @@ class Monitor(SimplePlugin):
         callback: Callable[[], Any],
         frequency: float = 60,
         name: str | None = None,
+        *,
+        keep_running: bool = False,
     ) -> None:
         super().__init__(bus)
         #: The function to call at intervals.
@@ -135,6 +196,8 @@ class Monitor(SimplePlugin):
         #: The running :class:`BackgroundTask`, or None.
         self.thread: BackgroundTask | None = None
         self.name = name
+        #: Passed to the :class:`BackgroundTask`: go on after a failing call.
+        self.keep_running = keep_running
 
     @property
     def _thread_name(self) -> str:
@@ -149,7 +212,11 @@ class Monitor(SimplePlugin):
             self.bus.log(f"Monitor thread {name!r} already started.")
             return
         self.thread = BackgroundTask(
-            self.frequency, self.callback, bus=self.bus, name=name
+            self.frequency,
+            self.callback,
+            bus=self.bus,
+            name=name,
+            keep_running=self.keep_running,
         )
         self.thread.start()
         self.bus.log(f"Started monitor thread {name!r}.")
@@ -161,16 +228,20 @@ class Monitor(SimplePlugin):
 
         Called from the monitor's own thread (the callback stopping or
         restarting the bus), it cancels without joining, since a thread
-        cannot wait for itself.
+        cannot wait for itself, and without a log line, as CherryPy.
         """
         thread = self.thread
         if thread is None:
             self.bus.log(f"No thread running for {self._thread_name}.")
             return
         thread.cancel()
-        if thread is not threading.current_thread() and thread.ident is not None:
-            thread.join()
         self.thread = None
+        if thread is threading.current_thread():
+            # The callback stops its own monitor (the Autoreloader restarting
+            # the bus): it has said so already; CherryPy logs nothing here.
+            return
+        if thread.ident is not None:
+            thread.join()
         self.bus.log(f"Stopped thread {thread.name!r}.")
 
     def graceful(self) -> None:
