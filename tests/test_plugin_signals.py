@@ -453,3 +453,37 @@ def test_one_publish_per_signal_and_a_failing_listener_is_logged(bus_log) -> Non
     plugin.handle(signal.SIGWINCH)  # nobody listens on its channel
     bus.publish("main")
     assert any("No action configured for SIGWINCH" in m for m, _ in log)
+
+
+def test_set_handler_twice_still_restores_the_first_handler(bus_log) -> None:
+    bus, _ = bus_log
+    original = signal.getsignal(signal.SIGUSR2)
+    plugin = SignalHandler(bus)
+    try:
+        plugin.set_handler("SIGUSR2")
+        plugin.set_handler(signal.SIGUSR2)  # must not record ours as previous
+    finally:
+        plugin.unsubscribe()
+    assert signal.getsignal(signal.SIGUSR2) is original
+
+
+def test_a_handler_someone_else_installed_is_left_in_place(bus_log) -> None:
+    bus, log = bus_log
+    original = signal.getsignal(signal.SIGUSR2)
+
+    def theirs(signum: int, frame: Any) -> None:
+        return None
+
+    plugin = SignalHandler(bus)
+    try:
+        plugin.set_handler("SIGUSR2")
+        signal.signal(signal.SIGUSR2, theirs)
+        plugin.unsubscribe()
+        assert signal.getsignal(signal.SIGUSR2) is theirs
+        assert (
+            "SignalHandler: the SIGUSR2 handler was replaced by someone else; "
+            "leaving it in place.",
+            logging.WARNING,
+        ) in log
+    finally:
+        signal.signal(signal.SIGUSR2, original)

@@ -30,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cherrypy.process.plugins import SignalHandler as CherryPySignalHandler
+from cherrypy.process.wspbus import Bus as CherryPyBus
 from helpers import default_sigint
+
+from busd.bus import Bus as BusdBus
+from busd.plugins.signals import SignalHandler as BusdSignalHandler
 
 IMPL = ("busd", "cherrypy")
 
@@ -370,3 +375,28 @@ def test_sighup_without_a_terminal_but_never_forked_exits(script):
         ["exit", True],
         ["block returned", 1],
     ]
+
+
+def test_an_alias_reaches_its_listener_in_busd_only():
+    # Documented difference: SIGCLD is another name of SIGCHLD (ignored by
+    # default, so harmless here). CherryPy subscribes the listener to a
+    # "SIGCLD" channel but publishes "SIGCHLD": the listener never runs.
+    calls: dict[str, int] = {}
+    original = signal.getsignal(signal.SIGCHLD)
+    pairs = (
+        ("busd", BusdBus(), BusdSignalHandler),
+        ("cherrypy", CherryPyBus(), CherryPySignalHandler),
+    )
+    for name, bus, handler_class in pairs:
+        calls[name] = 0
+        handler = handler_class(bus)
+        try:
+            handler.set_handler(
+                "SIGCLD", lambda n=name: calls.__setitem__(n, calls[n] + 1)
+            )
+            os.kill(os.getpid(), signal.SIGCHLD)
+            bus.publish("main")  # busd's tick; CherryPy acted in the handler
+        finally:
+            handler.unsubscribe()
+            signal.signal(signal.SIGCHLD, original)
+    assert calls == {"busd": 1, "cherrypy": 0}
