@@ -152,6 +152,17 @@ class Daemon:
             inherited=control_socket,
         )
         self.signals = SignalHandler(self.bus)
+        # busd's own choices, set here rather than as the library's defaults
+        # (which are CherryPy's: SIGHUP exits or re-executes, SIGINT is a
+        # KeyboardInterrupt): SIGHUP reloads the configuration, as
+        # `systemctl reload` expects, and Ctrl-C is handled like SIGTERM, on
+        # the main tick, never as an exception in the middle of a transition.
+        self.signals.handlers = {
+            "SIGTERM": self.bus.exit,
+            "SIGINT": self.bus.exit,
+            "SIGHUP": self.bus.graceful,
+            "SIGUSR1": self.bus.graceful,
+        }
         self.pidfile = PIDFile(self.bus, settings.pidfile)
         self.privileges = DropPrivileges(
             self.bus, user=settings.user or None, umask=settings.umask

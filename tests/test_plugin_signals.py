@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import default_sigint, wait_for
 
 from busd.bus import states
 from busd.plugins.signals import SignalHandler
@@ -22,7 +22,9 @@ from busd.plugins.signals import SignalHandler
 # Generous: a deadline, not a sleep; a healthy run is far below it.
 TIMEOUT = 15.0
 
-# A bus with the SignalHandler, its log printed to stdout, blocking in main.
+# A bus with the SignalHandler at its defaults, its log printed to stdout,
+# blocking in main. Options: --sigint (handled as busd the daemon does),
+# --usr2 (a listener on the SIGUSR2 channel), --slow-stop, --interval S.
 CHILD = r"""
 import sys, threading, time
 from busd.bus import Bus
@@ -31,12 +33,20 @@ from busd.plugins.signals import SignalHandler
 bus = Bus()
 bus.subscribe("log", lambda msg, level: print(msg, flush=True))
 handler = SignalHandler(bus)
+if "--sigint" in sys.argv:
+    handler.handlers["SIGINT"] = bus.exit
 handler.subscribe()
 
 def on_graceful():
     print(f"graceful ran on {threading.current_thread().name}", flush=True)
 
 bus.subscribe("graceful", on_graceful)
+
+if "--usr2" in sys.argv:
+    def on_usr2():
+        print(f"SIGUSR2 listener ran on {threading.current_thread().name}", flush=True)
+    bus.subscribe("SIGUSR2", on_usr2)
+    handler.set_handler("SIGUSR2")
 
 if "--slow-stop" in sys.argv:
     def slow_stop():
@@ -102,9 +112,11 @@ def child() -> Iterator[Callable[..., tuple[subprocess.Popen[str], Lines]]]:
     def spawn(*args: str) -> tuple[subprocess.Popen[str], Lines]:
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, *args],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=default_sigint,
         )
         started.append(proc)
         lines = Lines(proc.stdout)
@@ -118,24 +130,62 @@ def child() -> Iterator[Callable[..., tuple[subprocess.Popen[str], Lines]]]:
         proc.wait(TIMEOUT)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_exit_signals_end_the_bus_cleanly(child, signum: signal.Signals) -> None:
+# -- whole processes ------------------------------------------------------------
+
+
+def test_sigterm_ends_the_bus_cleanly(child) -> None:
     proc, lines = child()
-    os.kill(proc.pid, signum)
-    lines.expect(f"Caught signal {signum.name}.")
+    os.kill(proc.pid, signal.SIGTERM)
+    lines.expect("Caught signal SIGTERM.")
     lines.expect("Bus EXITED")
     assert proc.wait(TIMEOUT) == 0
     assert "block returned" in lines.rest()
 
 
-def test_reload_signals_run_graceful_on_the_main_thread(child) -> None:
+def test_sigint_configured_as_the_daemon_does_exits_on_the_main_tick(child) -> None:
+    proc, lines = child("--sigint")
+    os.kill(proc.pid, signal.SIGINT)
+    lines.expect("Caught signal SIGINT.")
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+    output = lines.rest()
+    assert "block returned" in output
+    assert "Keyboard Interrupt: shutting down bus" not in output
+
+
+def test_sigusr1_runs_graceful_on_the_main_thread(child) -> None:
     proc, lines = child()
-    for signum in (signal.SIGHUP, signal.SIGUSR1):
-        os.kill(proc.pid, signum)
-        lines.expect(f"Caught signal {signum.name}.")
+    for _ in range(2):
+        os.kill(proc.pid, signal.SIGUSR1)
+        lines.expect("Caught signal SIGUSR1.")
         lines.expect("Bus graceful")
         lines.expect("graceful ran on MainThread")
     assert proc.poll() is None  # a reload does not end the process
+    os.kill(proc.pid, signal.SIGTERM)
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+
+
+def test_sighup_when_not_daemonized_exits(child) -> None:
+    # stdin is /dev/null, no terminal; but the process never forked away
+    # from where the plugin was made, so it is not a daemon: SIGHUP ends it.
+    proc, lines = child()
+    os.kill(proc.pid, signal.SIGHUP)
+    lines.expect("Caught signal SIGHUP.")
+    lines.expect("SIGHUP while not daemonized: exiting.")
+    lines.expect("Bus EXITED")
+    assert proc.wait(TIMEOUT) == 0
+    output = lines.rest()
+    assert "block returned" in output
+    assert not any("graceful" in line for line in output), output
+
+
+def test_a_listener_on_a_signal_channel_runs_on_the_main_thread(child) -> None:
+    proc, lines = child("--usr2")
+    os.kill(proc.pid, signal.SIGUSR2)
+    lines.expect("Caught signal SIGUSR2.")
+    lines.expect("SIGUSR2 listener ran on MainThread")
+    assert proc.poll() is None
     os.kill(proc.pid, signal.SIGTERM)
     lines.expect("Bus EXITED")
     assert proc.wait(TIMEOUT) == 0
@@ -145,7 +195,7 @@ def test_a_signal_is_acted_on_at_once_not_at_the_next_tick(child) -> None:
     # With an hour between main ticks, only bus.wake() from the OS handler
     # can get the actions done within the deadline.
     proc, lines = child("--interval", "3600")
-    os.kill(proc.pid, signal.SIGHUP)
+    os.kill(proc.pid, signal.SIGUSR1)
     lines.expect("graceful ran on MainThread")
     os.kill(proc.pid, signal.SIGTERM)
     lines.expect("Bus EXITED")
@@ -153,7 +203,7 @@ def test_a_signal_is_acted_on_at_once_not_at_the_next_tick(child) -> None:
 
 
 def test_a_signal_during_exit_is_harmless(child) -> None:
-    proc, lines = child("--slow-stop")
+    proc, lines = child("--slow-stop", "--sigint")
     os.kill(proc.pid, signal.SIGTERM)
     lines.expect("stopping")
     # Ctrl-C while the stop listeners run: recorded, not a KeyboardInterrupt.
@@ -163,6 +213,106 @@ def test_a_signal_during_exit_is_harmless(child) -> None:
     output = lines.rest()
     assert "block returned" in output
     assert not any("Traceback" in line for line in output), output
+
+
+# -- the API, in this process ---------------------------------------------------
+
+
+def test_default_handlers_are_cherrypys(bus_log) -> None:
+    bus, _ = bus_log
+    plugin = SignalHandler(bus)
+    assert plugin.handlers == {
+        "SIGTERM": bus.exit,
+        "SIGHUP": plugin.handle_SIGHUP,
+        "SIGUSR1": bus.graceful,
+    }
+    # SIGINT stays Python's: a KeyboardInterrupt, which block() turns into
+    # an exit.
+    before = signal.getsignal(signal.SIGINT)
+    plugin.subscribe()
+    try:
+        assert signal.getsignal(signal.SIGINT) is before
+        for name in plugin.handlers:
+            assert plugin.handlers[name] in bus.listeners[name]
+    finally:
+        plugin.unsubscribe()
+
+
+def test_signals_maps_every_number_to_its_name() -> None:
+    signals = SignalHandler.signals
+    assert signals[signal.SIGTERM] == "SIGTERM"
+    assert signals[1] == "SIGHUP"
+    assert signals[signal.SIGABRT] == "SIGABRT"
+    assert set(signals) == {int(sig) for sig in signal.Signals}
+    assert all(getattr(signal, name) == num for num, name in signals.items())
+
+
+def test_set_handler_by_name_or_number_subscribes_the_listener(bus_log) -> None:
+    bus, _ = bus_log
+    plugin = SignalHandler(bus)  # never subscribe()d: set_handler is enough
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    calls: list[str] = []
+    try:
+        plugin.set_handler("SIGUSR2", lambda: calls.append("by name"))
+        plugin.set_handler(int(signal.SIGUSR1), lambda: calls.append("by number"))
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            assert signal.getsignal(signum) not in (before[signum], None)
+        assert len(bus.listeners["SIGUSR2"]) == 1
+        assert len(bus.listeners["SIGUSR1"]) == 1
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_for(lambda: plugin.pending == 2)
+        bus.publish("main")
+        assert calls == ["by name", "by number"]
+        # Without a listener: the OS handler only, and code that listens on
+        # the channel itself is called.
+        plugin.set_handler(signal.SIGWINCH)
+        bus.subscribe("SIGWINCH", lambda: calls.append("SIGWINCH channel"))
+        os.kill(os.getpid(), signal.SIGWINCH)
+        wait_for(lambda: plugin.pending == 1)
+        bus.publish("main")
+        assert calls[-1] == "SIGWINCH channel"
+    finally:
+        plugin.unsubscribe()
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        assert signal.getsignal(signum) is before[signum]
+
+
+def test_set_handler_refuses_an_unknown_signal(bus_log) -> None:
+    bus, _ = bus_log
+    plugin = SignalHandler(bus)
+    for bad in ("SIGNOPE", "SIG_DFL", 0, 9999):
+        with pytest.raises(ValueError, match=f"No such signal: {bad!r}"):
+            plugin.set_handler(bad, lambda: None)
+    assert not any(name.startswith("SIG") for name in bus.listeners)
+
+
+def test_an_alias_name_publishes_the_signals_own_channel(bus_log) -> None:
+    bus, _ = bus_log
+    plugin = SignalHandler(bus)
+    calls: list[str] = []
+    try:
+        plugin.set_handler("SIGIOT", lambda: calls.append("listener"))
+        # SIGIOT is another name of SIGABRT, whose channel is published.
+        assert len(bus.listeners["SIGABRT"]) == 1
+        plugin.handle(signal.SIGABRT)
+        bus.publish("main")
+        assert calls == ["listener"]
+    finally:
+        plugin.unsubscribe()
+
+
+def test_unknown_names_in_handlers_are_skipped_with_a_warning(bus_log) -> None:
+    bus, log = bus_log
+    plugin = SignalHandler(bus)
+    plugin.handlers = {"SIGNOPE": lambda: None, "SIGUSR2": lambda: None}
+    plugin.subscribe()
+    try:
+        assert ("SignalHandler: no signal SIGNOPE on this platform; skipped.",
+                logging.WARNING) in log  # fmt: skip
+        assert "SIGUSR2" in bus.listeners
+    finally:
+        plugin.unsubscribe()
 
 
 def test_the_handler_records_and_the_main_tick_acts(bus_log) -> None:
@@ -216,9 +366,26 @@ def test_sigterm_exits_the_bus_from_the_main_tick_and_restores(bus_log) -> None:
             bus.exit()
 
 
+def test_sighup_in_a_process_that_never_forked_exits_the_bus(bus_log) -> None:
+    bus, log = bus_log
+    plugin = SignalHandler(bus)
+    bus.subscribe("main", plugin.main)
+    bus.subscribe("SIGHUP", plugin.handlers["SIGHUP"])
+    bus.start()
+    try:
+        plugin.handle(signal.SIGHUP)
+        bus.publish("main")
+        assert bus.state is states.EXITING
+        assert bus.execv is False  # no re-exec
+        assert ("SIGHUP while not daemonized: exiting.", logging.INFO) in log
+    finally:
+        if bus.state is not states.EXITING:
+            bus.exit()
+
+
 def test_unsubscribe_restores_the_previous_handlers(bus_log) -> None:
     bus, _ = bus_log
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+    names = ("SIGTERM", "SIGHUP", "SIGUSR1")
     hits: list[int] = []
 
     def previous_usr1(signum: int, frame: Any) -> None:
@@ -234,6 +401,9 @@ def test_unsubscribe_restores_the_previous_handlers(bus_log) -> None:
         plugin.unsubscribe()
         after = {name: signal.getsignal(getattr(signal, name)) for name in names}
         assert after == before
+        assert plugin.main not in bus.listeners["main"]
+        # As in CherryPy, the listeners stay on their channels.
+        assert bus.graceful in bus.listeners["SIGUSR1"]
         os.kill(os.getpid(), signal.SIGUSR1)
         wait_for(lambda: hits == [signal.SIGUSR1])
         assert plugin.pending == 0
@@ -245,6 +415,8 @@ def test_subscribe_off_the_main_thread_installs_nothing(bus_log) -> None:
     bus, log = bus_log
     before = signal.getsignal(signal.SIGTERM)
     plugin = SignalHandler(bus)
+    seen: list[str] = []
+    plugin.handlers["SIGHUP"] = lambda: seen.append("hup")
     thread = threading.Thread(target=plugin.subscribe, name="not-main")
     thread.start()
     thread.join(TIMEOUT)
@@ -252,9 +424,7 @@ def test_subscribe_off_the_main_thread_installs_nothing(bus_log) -> None:
         assert signal.getsignal(signal.SIGTERM) is before
         warnings = [m for m, level in log if level == logging.WARNING]
         assert any("not-main" in m and "main thread" in m for m in warnings), log
-        # handle() still works: the main tick drains it.
-        seen: list[str] = []
-        plugin.handlers["SIGHUP"] = lambda: seen.append("hup")
+        # The listeners are subscribed: handle() reaches them at the tick.
         plugin.handle(signal.SIGHUP)
         bus.publish("main")
         assert seen == ["hup"]
@@ -262,7 +432,7 @@ def test_subscribe_off_the_main_thread_installs_nothing(bus_log) -> None:
         plugin.unsubscribe()
 
 
-def test_one_action_per_signal_and_a_failing_action_is_logged(bus_log) -> None:
+def test_one_publish_per_signal_and_a_failing_listener_is_logged(bus_log) -> None:
     bus, log = bus_log
     plugin = SignalHandler(bus)
     seen: list[str] = []
@@ -270,14 +440,50 @@ def test_one_action_per_signal_and_a_failing_action_is_logged(bus_log) -> None:
     def broken() -> None:
         raise ValueError("reload failed")
 
-    plugin.handlers = {"SIGHUP": broken, "SIGUSR2": lambda: seen.append("usr2")}
-    plugin.bus.subscribe("main", plugin.main)  # handle() needs no OS handler
+    bus.subscribe("SIGHUP", broken)
+    bus.subscribe("SIGUSR2", lambda: seen.append("usr2"))
+    bus.subscribe("main", plugin.main)  # handle() needs no OS handler
     for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR2):
         plugin.handle(signum)
     bus.publish("main")  # the failure does not escape the main tick
     assert seen == ["usr2", "usr2"]
     errors = [m for m, level in log if level == logging.ERROR]
-    assert any("SIGHUP failed" in m and "reload failed" in m for m in errors), log
-    plugin.handle(signal.SIGWINCH)  # no action configured for it
+    assert any("'SIGHUP' listener" in m and "reload failed" in m for m in errors)
+    assert "The action for SIGHUP failed." in errors
+    plugin.handle(signal.SIGWINCH)  # nobody listens on its channel
     bus.publish("main")
     assert any("No action configured for SIGWINCH" in m for m, _ in log)
+
+
+def test_set_handler_twice_still_restores_the_first_handler(bus_log) -> None:
+    bus, _ = bus_log
+    original = signal.getsignal(signal.SIGUSR2)
+    plugin = SignalHandler(bus)
+    try:
+        plugin.set_handler("SIGUSR2")
+        plugin.set_handler(signal.SIGUSR2)  # must not record ours as previous
+    finally:
+        plugin.unsubscribe()
+    assert signal.getsignal(signal.SIGUSR2) is original
+
+
+def test_a_handler_someone_else_installed_is_left_in_place(bus_log) -> None:
+    bus, log = bus_log
+    original = signal.getsignal(signal.SIGUSR2)
+
+    def theirs(signum: int, frame: Any) -> None:
+        return None
+
+    plugin = SignalHandler(bus)
+    try:
+        plugin.set_handler("SIGUSR2")
+        signal.signal(signal.SIGUSR2, theirs)
+        plugin.unsubscribe()
+        assert signal.getsignal(signal.SIGUSR2) is theirs
+        assert (
+            "SignalHandler: the SIGUSR2 handler was replaced by someone else; "
+            "leaving it in place.",
+            logging.WARNING,
+        ) in log
+    finally:
+        signal.signal(signal.SIGUSR2, original)
