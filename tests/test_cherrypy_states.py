@@ -32,22 +32,7 @@ How it runs:
 - The same run with CherryPy's own bus and plugins is the reference: it
   must pass 14/14, so a failure on busd's side is busd's.
 
-Where busd stands (helpers of issue 16 work in parallel): on this branch,
-9 or 10 of the 14 pass with busd. The others, ``KNOWN_FAILING`` below, wait
-for other branches; the test demands that every other test passes, and the
-list must shrink to nothing (14/14) once those branches are merged:
-
-- ``PluginTests::test_daemonize``, ``SignalHandlingTests::test_SIGTERM``:
-  the PID file holds log lines (busd's Daemonizer closes the log file's
-  descriptor, PIDFile reuses its number): helper plugins-process.
-- ``SignalHandlingTests::test_SIGHUP_daemonized``: reads that PID file
-  too; then needs SIGHUP to re-exec a daemonized process (a new PID):
-  helpers plugins-process and plugins-signals.
-- ``SignalHandlingTests::test_SIGHUP_tty``: SIGHUP on a TTY must end the
-  process; busd reloads instead: helper plugins-signals.
-- ``SignalHandlingTests::test_signal_handler_unsubscribe`` passes alone,
-  but fails when a demo server left by the tests above (its PID unreadable
-  from the broken PID file, so never told to exit) still holds port 54583.
+Where busd stands: 14 of 14, as CherryPy itself.
 """
 
 from __future__ import annotations
@@ -116,16 +101,6 @@ ALL_TESTS = frozenset(
     }
 )
 
-#: May fail on busd today, each waiting on another helper's branch (see above).
-KNOWN_FAILING = frozenset(
-    {
-        "PluginTests::test_daemonize",
-        "SignalHandlingTests::test_SIGTERM",
-        "SignalHandlingTests::test_SIGHUP_daemonized",
-        "SignalHandlingTests::test_SIGHUP_tty",
-        "SignalHandlingTests::test_signal_handler_unsubscribe",
-    }
-)
 
 SUBSTITUTE_DIR = Path(__file__).resolve().parent / "cherrypy_substitute"
 # A hung test (SIGHUP ignored, say) fails after this, so the run ends.
@@ -304,10 +279,9 @@ def test_cherrypy_test_states_with_cherrypy_itself_passes_14_of_14(runs):
     assert not failed, run.output[-6000:]
 
 
-def test_cherrypy_test_states_with_busd_bus_and_plugins(runs):
+def test_cherrypy_test_states_with_busd_bus_and_plugins_passes_14_of_14(runs):
     run = runs["busd"]
     check_records(run.records, "busd.bus.Bus", "busd.plugins.")
     assert set(run.outcomes) == ALL_TESTS
     failed = {test for test, outcome in run.outcomes.items() if outcome != "passed"}
-    # Empty KNOWN_FAILING once the other branches are in: then this is 14/14.
-    assert failed <= KNOWN_FAILING, run.output[-6000:]
+    assert not failed, run.output[-6000:]
