@@ -333,6 +333,14 @@ def test_a_log_file_opened_before_daemonizing_keeps_its_own_file(
             if daemon_pid is not None and psutil.pid_exists(daemon_pid):
                 os.kill(daemon_pid, signal.SIGKILL)
                 reap(daemon_pid)
+            # A PID file that does not hold the PID (the bug this test is
+            # about) gives no daemon_pid: end the daemon by its command line,
+            # among the orphans this subreaper adopted.
+            for child in psutil.Process().children():
+                with contextlib.suppress(psutil.Error):
+                    if str(pidfile) in child.cmdline():
+                        child.kill()
+                        reap(child.pid)
 
 
 def test_the_static_daemonize_detaches_without_a_bus(tmp_path: Path) -> None:
