@@ -7,6 +7,8 @@ them from these helpers. No test module imports from another test module.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -474,3 +476,42 @@ def default_sigint() -> None:
     an interrupt its program never sees.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+#: What systemd puts in its services' environment (the Daemonizer refuses it).
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "INVOCATION_ID")
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def without_systemd_environment() -> dict[str, str]:
+    """This environment without systemd's variables (busd refuses them)."""
+    return {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+
+
+def reap(pid: int, timeout: float = 15.0) -> int:
+    """Wait for our child ``pid`` to end, with a deadline; its exit code."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"PID {pid} did not end within {timeout} s")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def subreaper() -> Iterator[None]:
+    """Adopt orphaned descendants, so the test can reap a daemon itself.
+
+    Without it a daemon's parent would be PID 1 of the container, which
+    may never collect its exit status.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, (
+        f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}"
+    )
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import busctl_env, wait_for
+from helpers import (
+    SYSTEMD_VARIABLES,
+    busctl_env,
+    reap,
+    subreaper,
+    wait_for,
+    without_systemd_environment,
+)
 
 from busd.bus import Bus, states
 from busd.plugins.daemonize import START_PRIORITY, Daemonizer
 from busd.plugins.pidfile import PIDFile
 
 TIMEOUT = 15.0
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 # A bus that daemonizes, then takes its PID file and blocks until SIGTERM.
 # argv: stdout path (relative: resolved in the launcher's cwd), PID file,
@@ -60,8 +63,6 @@ bus.start()
 bus.block(interval=0.02)
 """
 
-SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "INVOCATION_ID")
-
 # A program that opens its log file before daemonizing, as most do: a
 # logging.FileHandler, then Daemonizer (with the options in argv[3]) and a
 # PID file. argv[4] is a descriptor the launcher passed down.
@@ -96,38 +97,6 @@ BUSD_DAEMON_OPTIONS = {
 }
 
 
-def reap(pid: int, timeout: float = TIMEOUT) -> int:
-    """Wait for our child ``pid`` to end, with a deadline; its exit code."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PID {pid} did not end within {timeout} s")
-        time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def subreaper() -> Iterator[None]:
-    """Adopt orphaned descendants, so the test can reap the daemon itself.
-
-    Without it the daemon's parent would be PID 1 of the container, which
-    may never collect its exit status.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER): errno {ctypes.get_errno()}")
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-
-
-def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-
-
 def test_daemonizes_into_a_new_session(tmp_path: Path) -> None:
     pidfile = tmp_path / "busd.pid"
     out = tmp_path / "daemon.log"
@@ -140,7 +109,7 @@ def test_daemonizes_into_a_new_session(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tmp_path,
-            env=clean_environment(),
+            env=without_systemd_environment(),
         )
         try:
             # EOF once the daemon has pointed its stdout elsewhere.
@@ -214,7 +183,7 @@ def test_refuses_under_systemd(monkeypatch, variable: str) -> None:
 
 
 def test_a_refusal_under_systemd_ends_the_start_with_status_70(tmp_path) -> None:
-    env = clean_environment()
+    env = without_systemd_environment()
     env["INVOCATION_ID"] = "0123456789abcdef"
     done = subprocess.run(
         [sys.executable, "-c", DAEMON, "out.log", "busd.pid", "kept.txt"],
@@ -292,7 +261,7 @@ def test_a_log_file_opened_before_daemonizing_keeps_its_own_file(
             stderr=subprocess.DEVNULL,
             pass_fds=[inherited.fileno()],
             cwd=tmp_path,
-            env=clean_environment(),
+            env=without_systemd_environment(),
         )
         try:
             assert launcher.wait(TIMEOUT) == 0
@@ -359,7 +328,7 @@ print(f"daemon {os.getpid()} {os.getsid(0)} {os.getcwd()}", flush=True)
             text=True,
             timeout=TIMEOUT,
             cwd=tmp_path,
-            env=clean_environment(),
+            env=without_systemd_environment(),
         )
         assert launcher.returncode == 0, launcher.stderr
         assert launcher.stdout == ""  # the rest is the daemon's

@@ -14,8 +14,6 @@ sections of their own.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import grp
 import json
 import os
@@ -25,16 +23,15 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from helpers import reap, subreaper, without_systemd_environment
 
 TIMEOUT = 15.0
 IMPLEMENTATIONS = ("busd", "cherrypy")
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 # The same names, from either implementation: the program under test is
 # written once, against CherryPy's API.
@@ -49,38 +46,6 @@ IMPORTS = {
 
 def program(impl: str, body: str) -> str:
     return IMPORTS[impl] + body
-
-
-def clean_environment() -> dict[str, str]:
-    """This environment without systemd's variables (busd refuses them)."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("NOTIFY_SOCKET", "INVOCATION_ID")
-    }
-
-
-def reap(pid: int, timeout: float = TIMEOUT) -> int:
-    """Wait for our child ``pid`` to end, with a deadline; its exit code."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"PID {pid} did not end within {timeout} s")
-        time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def subreaper() -> Iterator[None]:
-    """Adopt orphaned descendants, so the test can reap the daemons itself."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, ctypes.get_errno()
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def wait_for_file(path: Path, timeout: float = TIMEOUT) -> str:
@@ -152,7 +117,7 @@ def daemonize(impl: str, where: Path, inherited: int) -> dict[str, Any]:
         stderr=subprocess.DEVNULL,
         pass_fds=[inherited],
         cwd=where,
-        env=clean_environment(),
+        env=without_systemd_environment(),
     )
     daemon_pid: int | None = None
     try:
@@ -305,7 +270,7 @@ def drop(impl: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         text=True,
         timeout=TIMEOUT,
         cwd="/",  # readable by nobody too
-        env=clean_environment(),
+        env=without_systemd_environment(),
     )
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
